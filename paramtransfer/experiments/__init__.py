@@ -1,0 +1,1 @@
+"""Runs, comparisons (methods x learning rates x seeds) and hold-out selection."""

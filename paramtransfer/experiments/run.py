@@ -1,0 +1,249 @@
+"""One run: a method transfers a source to a target task; the result is a :class:`RunResult` (JSON)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from paramtransfer.data.task import DEFAULT_SHAPE, Task, load_task
+from paramtransfer.errors import UserError
+from paramtransfer.methods.base import Method, make_config, make_method
+from paramtransfer.models.layered import LayeredNet
+from paramtransfer.models.store import save_model
+from paramtransfer.models.zoo import build_model
+from paramtransfer.train.checkpoint import atomic_write_json
+from paramtransfer.train.trainer import TrainConfig, evaluate, fit, to_memory_format
+
+RESULT = "result.json"
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class RunResult:
+    """What one run produced; written as ``result.json``.
+
+    ``status`` is ``"ok"`` or ``"diverged"`` (a non-finite loss stopped the run; accuracies are null).
+    ``config`` holds everything that defines the run (``config["lr"]`` is its learning rate).
+    """
+
+    method: str
+    source: str | None
+    target: str
+    arch: str
+    seed: int
+    config: dict[str, Any]
+    val_accuracy: float | None
+    test_accuracy: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    status: str = "ok"
+    best_epoch: int | None = None
+    fingerprint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunResult:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _source_name(source: LayeredNet | None) -> str | None:
+    if source is None:
+        return None
+    info = getattr(source, "source_info", None) or {}
+    return info.get("source") or f"<{source.arch} model>"
+
+
+def _source_identity(source: LayeredNet | None) -> str:
+    """A cheap fingerprint of the source weights (so a changed source never reuses old results)."""
+    if source is None:
+        return "none"
+    h = hashlib.sha1()
+    for k, v in source.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().double().sum().item().hex().encode())
+    return h.hexdigest()[:16]
+
+
+def _count(params: Any) -> int:
+    return int(sum(p.numel() for p in params))
+
+
+def train_model(
+    method: str | Method,
+    *,
+    source: LayeredNet | None,
+    target: str | Task,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    lr: float = 0.01,
+    epochs: int = 30,
+    shots: int | None = None,
+    limit: int | None = None,
+    val_shots: int | None = None,
+    test_limit: int | None = None,
+    train_options: dict[str, Any] | None = None,
+    method_options: dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    save_weights: bool = False,
+    progress: bool = False,
+    callbacks: tuple = (),
+) -> tuple[RunResult, nn.Module | None]:
+    """Run one method and return its :class:`RunResult` and trained model (``None`` if reused/untrained).
+
+    With ``out`` the run checkpoints every epoch to ``out/checkpoint.pt``, resumes from it if killed,
+    writes ``out/result.json`` atomically, and returns the existing result if it is already complete.
+    """
+    m = make_method(method, **(method_options or {}))
+    if source is not None and arch is not None and source.arch not in (arch, "custom", "wrapped"):
+        raise UserError(f"the source is a {source.arch}, but arch is {arch}; drop --arch or match it")
+    if source is not None and not isinstance(source, LayeredNet):
+        raise UserError("the source must be a LayeredNet (wrap other models with LayeredNet.wrap)")
+    in_shape = tuple(source.in_shape) if source is not None else DEFAULT_SHAPE
+    if isinstance(target, Task):
+        task = target
+        if source is not None and tuple(task.in_shape) != in_shape:
+            raise UserError(
+                f"the source takes inputs of shape {in_shape} but the target {task.spec} gives "
+                f"{tuple(task.in_shape)}; load it with in_shape={in_shape}"
+            )
+    else:
+        task = load_task(
+            target, shots, seed, val_shots=val_shots, limit=limit, test_limit=test_limit, in_shape=in_shape
+        )
+    train_cfg = make_config(TrainConfig, {"epochs": epochs, "lr": lr, **(train_options or {})}, "training")
+    run_arch = source.arch if source is not None else (arch or "none")
+    config = {
+        "lr": lr,
+        "epochs": epochs,
+        "shots": task.shots,
+        "train": dataclasses.asdict(train_cfg),
+        "method": dataclasses.asdict(m.config),
+        "data": {"val_shots": val_shots, "limit": limit, "test_limit": test_limit},
+        "arch_kwargs": dict(arch_kwargs or (source.arch_kwargs if source is not None else {})),
+    }
+    fingerprint = hashlib.sha1(
+        json.dumps(
+            [m.variant(), task.spec, seed, run_arch, config, _source_identity(source)], sort_keys=True, default=str
+        ).encode()
+    ).hexdigest()[:16]
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and (out_dir / RESULT).is_file():
+        try:
+            old = RunResult.load(out_dir / RESULT)
+        except (json.JSONDecodeError, TypeError, KeyError):
+            old = None
+        if old is not None and old.fingerprint == fingerprint:
+            return old, None
+
+    t0 = time.perf_counter()
+    common = dict(method=m.variant(), source=_source_name(source), target=task.spec, arch=run_arch, seed=seed)
+    if not m.trains:
+        res = m.fit_evaluate(source, task, seed)
+        result = RunResult(
+            **common,
+            config=config,
+            val_accuracy=res["val_accuracy"],
+            test_accuracy=res["test_accuracy"],
+            wall_time_s=time.perf_counter() - t0,
+            diagnostics={"classes": list(task.classes), **res["diagnostics"]},
+            fingerprint=fingerprint,
+        )
+        model = None
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if source is None and arch is not None and not m.needs_source:  # scratch without a source
+                model = build_model(arch, task.num_classes, in_shape=in_shape, seed=seed, **(arch_kwargs or {}))
+            else:
+                model = m.build(source, task.num_classes, arch=run_arch, in_shape=in_shape, seed=seed)
+            outcome = fit(
+                model,
+                m,
+                task,
+                train_cfg,
+                seed=seed,
+                checkpoint=out_dir / CHECKPOINT if out_dir is not None else None,
+                fingerprint=fingerprint,
+                progress=progress,
+                callbacks=callbacks,
+            )
+        ok = not outcome.diverged
+        test_acc = None
+        if ok:
+            channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last) and any(
+                p.dim() == 4 for p in model.parameters()
+            )
+            x_test = to_memory_format(task.test.x, channels_last)
+            test_acc, _ = evaluate(m, model, x_test, task.test.y, train_cfg.eval_batch_size)
+        diagnostics = {
+            "classes": list(task.classes),
+            "trainable_params": _count(p for g in m.param_groups(model) for p in g["params"]),
+            "total_params": _count(model.parameters()),
+            "stopped_early": outcome.stopped_early,
+            "resumed_from_epoch": outcome.resumed_from_epoch,
+        }
+        if ok:
+            diagnostics.update(m.diagnostics(model, task))
+        result = RunResult(
+            **common,
+            config=config,
+            val_accuracy=outcome.best_val_accuracy if ok else None,
+            test_accuracy=test_acc,
+            history=outcome.history,
+            wall_time_s=time.perf_counter() - t0,
+            diagnostics=diagnostics,
+            status="ok" if ok else "diverged",
+            best_epoch=outcome.best_epoch,
+            fingerprint=fingerprint,
+        )
+    if out_dir is not None:
+        if save_weights and model is not None and result.status == "ok":
+            exported = m.export(model)
+            if isinstance(exported, LayeredNet) and exported.arch not in ("custom", "wrapped"):
+                save_model(exported.to(memory_format=torch.contiguous_format), out_dir / "model", {"method": result.method})
+        result.save(out_dir / RESULT)
+        (out_dir / CHECKPOINT).unlink(missing_ok=True)
+    return result, model
+
+
+def run(
+    method: str | Method,
+    source: LayeredNet | None = None,
+    target: str | Task = "fashion[5-9]",
+    *,
+    lr: float = 0.01,
+    epochs: int = 30,
+    seed: int = 0,
+    **kwargs: Any,
+) -> RunResult:
+    """Transfer ``source`` to ``target`` with ``method`` and return the :class:`RunResult`.
+
+    Example:
+        >>> src = pt.pretrain("lenet", "fashion[0-4]", epochs=3)
+        >>> res = pt.run("finetune[freeze=1]", source=src, target="fashion[5-9]", shots=20, lr=0.01)
+        >>> res.test_accuracy
+
+    Keyword arguments are those of :func:`train_model` (``shots``, ``arch``, ``train_options``,
+    ``method_options``, ``out``, ...).
+    """
+    return train_model(method, source=source, target=target, lr=lr, epochs=epochs, seed=seed, **kwargs)[0]

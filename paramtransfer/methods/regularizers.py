@@ -1,0 +1,153 @@
+"""Regularised fine-tuning towards the source: L2-SP (weights) and KnowDist (feature maps).
+
+Both start from the source weights and add a regulariser Omega(w, w_s) to the task loss (DTNH paper,
+Eq. 1); they return it as a separate loss term ``"reg"`` so that DTNH can correct the direction.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paramtransfer.errors import UserError
+from paramtransfer.methods.base import Method, MethodConfig, freeze, register_method, transfer_copy
+from paramtransfer.models.layered import LayeredNet
+
+
+@dataclass
+class L2SPConfig(MethodConfig):
+    """Attributes:
+    alpha: weight of the pull of the transferred (block) parameters towards the source values.
+    beta: weight of plain L2 decay on the new head, which has no source value.
+    """
+
+    alpha: float = 0.1
+    beta: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.beta < 0:
+            raise UserError("l2sp alpha and beta must be >= 0")
+
+
+@register_method("l2sp")
+class L2SP(Method):
+    """L2-SP (Li et al. 2018; DTNH paper Eq. 2).
+
+    ``Omega(w) = alpha/2 * ||w_S - w_S^0||^2 + beta/2 * ||w_head||^2`` where ``w_S`` are the transferred
+    parameters (all blocks), ``w_S^0`` their source values (also the starting point) and ``w_head`` the
+    new task layer. Its gradient is closed form: ``alpha * (w_S - w_S^0)`` and ``beta * w_head``
+    (:meth:`reg_gradients`).
+    """
+
+    Config = L2SPConfig
+
+    def build(self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int) -> nn.Module:
+        model = transfer_copy(self._require_source(source), num_classes, seed)
+        self.transferred = [p for p in model.blocks.parameters()]
+        self.anchors = [p.detach().clone() for p in self.transferred]
+        self.head_params = list(model.head.parameters())
+        return model
+
+    def regularizer(self) -> torch.Tensor:
+        c: L2SPConfig = self.config  # type: ignore[assignment]
+        sp = sum(((p - a) ** 2).sum() for p, a in zip(self.transferred, self.anchors, strict=True))
+        head = sum((p**2).sum() for p in self.head_params)
+        return 0.5 * c.alpha * sp + 0.5 * c.beta * head
+
+    def reg_gradients(self) -> dict[nn.Parameter, torch.Tensor]:
+        """The closed-form gradient of :meth:`regularizer` for each parameter (no backward pass)."""
+        c: L2SPConfig = self.config  # type: ignore[assignment]
+        grads = {p: c.alpha * (p.detach() - a) for p, a in zip(self.transferred, self.anchors, strict=True)}
+        grads.update({p: c.beta * p.detach() for p in self.head_params})
+        return grads
+
+    def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"task": F.cross_entropy(model(x), y), "reg": self.regularizer()}
+
+
+@dataclass
+class KnowDistConfig(MethodConfig):
+    """Attributes:
+    beta: weight of the feature-map distance.
+    layers: indices of the blocks whose outputs are compared (``"all"``: every block).
+    """
+
+    beta: float = 0.01
+    layers: list[int] | str = field(default="all")
+
+    def __post_init__(self) -> None:
+        if self.beta < 0:
+            raise UserError("knowdist beta must be >= 0")
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        if isinstance(self.layers, str) and self.layers != "all":
+            raise UserError(f"knowdist layers={self.layers!r}: give a list of block indices or 'all'")
+
+
+class WithFrozenSource(nn.Module):
+    """A target LayeredNet beside a frozen copy of the source; ``forward`` is the target's."""
+
+    def __init__(self, target: LayeredNet, source: LayeredNet) -> None:
+        super().__init__()
+        self.target = target
+        self.source = source
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.target(x)
+
+
+def feature_distance(
+    target_feats: list[torch.Tensor], source_feats: list[torch.Tensor], layers: list[int]
+) -> torch.Tensor:
+    """``1/n * sum_j sum_i ||F_j(w, x_i) - F_j(w_s, x_i)||^2`` over the chosen layers (DTNH Eq. 3)."""
+    n = target_feats[0].shape[0]
+    return sum(((target_feats[j] - source_feats[j]) ** 2).sum() for j in layers) / n
+
+
+@register_method("knowdist")
+class KnowDist(Method):
+    """Feature-map distillation towards the frozen source (Yim et al. 2017; DTNH paper Eq. 3).
+
+    The target starts from the source weights; ``beta * 1/n sum_j sum_i ||F_j(w, x_i) - F_j(w_s, x_i)||^2``
+    over the outputs ``F_j`` of the chosen blocks is added to the task loss. The source copy is frozen
+    (weights and BatchNorm statistics).
+    """
+
+    Config = KnowDistConfig
+
+    def build(self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int) -> nn.Module:
+        src = self._require_source(source)
+        target = transfer_copy(src, num_classes, seed)
+        frozen = copy.deepcopy(src)
+        freeze(frozen)
+        c: KnowDistConfig = self.config  # type: ignore[assignment]
+        n = src.num_blocks
+        self.layers = list(range(n)) if c.layers == "all" else [int(i) for i in c.layers]
+        bad = [i for i in self.layers if not -n <= i < n]
+        if bad:
+            raise UserError(f"knowdist layers {bad} outside the source's blocks 0..{n - 1}")
+        return WithFrozenSource(target, frozen)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": [p for p in model.target.parameters() if p.requires_grad]}]
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model.target(x)
+
+    def export(self, model: nn.Module) -> nn.Module:
+        return model.target
+
+    def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        c: KnowDistConfig = self.config  # type: ignore[assignment]
+        logits, feats = model.target.forward_features(x)
+        with torch.no_grad():
+            source_feats = model.source.features(x)
+        return {
+            "task": F.cross_entropy(logits, y),
+            "reg": c.beta * feature_distance(feats, source_feats, self.layers),
+        }

@@ -1,0 +1,181 @@
+"""LayeredNet: the one interface every layer-wise transfer method speaks.
+
+A LayeredNet is ``blocks`` (layers 1..L-1, shared in shape by source and target), a parameter-free
+``neck`` (e.g. global pooling) and ``head`` (the task layer, an ``nn.Linear``). Any torch model can be
+wrapped by naming its blocks and head; block outputs are then read with forward hooks, never by
+rewriting the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from paramtransfer.errors import UserError
+
+
+class LayeredNet(nn.Module):
+    """A network seen as ``head(neck(block_L-1(...block_1(x))))``.
+
+    Args:
+        blocks: the transferable layers, applied in order.
+        head: the task layer; an ``nn.Linear`` so that :meth:`reset_head` can replace it.
+        neck: a parameter-free module between the last block and the head (default identity).
+        arch: the zoo name that rebuilds this net (``"custom"`` for hand-made ones).
+        in_shape: input shape ``(C, H, W)`` without the batch dimension.
+        arch_kwargs: keyword arguments that rebuild the architecture with :func:`build_model`.
+
+    Shape:
+        forward: ``[B, *in_shape] -> [B, num_classes]``; features: one tensor per block.
+    """
+
+    sequential = True  # blocks can be run one by one (wrapped models cannot guarantee this)
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        head: nn.Module,
+        neck: nn.Module | None = None,
+        *,
+        arch: str = "custom",
+        in_shape: tuple[int, ...] = (1, 28, 28),
+        arch_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.neck = neck if neck is not None else nn.Identity()
+        self.head = head
+        self.arch = arch
+        self.in_shape = tuple(in_shape)
+        self.arch_kwargs = dict(arch_kwargs or {})
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.head_layer().out_features)
+
+    def head_layer(self) -> nn.Linear:
+        head = self.head
+        if not isinstance(head, nn.Linear):
+            raise UserError(f"the head of {self.arch} is a {type(head).__name__}; a transfer head must be nn.Linear")
+        return head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.neck(x))
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and each block's output from one forward pass."""
+        feats = []
+        for block in self.blocks:
+            x = block(x)
+            feats.append(x)
+        return self.head(self.neck(x)), feats
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each block's output, in order."""
+        return self.forward_features(x)[1]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input (penultimate features), flattened to ``[B, D]``."""
+        feats = self.features(x)
+        return self.neck(feats[-1]).flatten(1)
+
+    def reset_head(self, num_classes: int) -> None:
+        """Replace the task layer by a freshly initialised ``Linear(in_features, num_classes)``."""
+        old = self.head_layer()
+        self._set_head(nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+
+    def _set_head(self, head: nn.Linear) -> None:
+        self.head = head
+
+    def describe(self) -> dict[str, Any]:
+        """What rebuilds this architecture (stored beside saved weights)."""
+        return {
+            "arch": self.arch,
+            "arch_kwargs": self.arch_kwargs,
+            "in_shape": list(self.in_shape),
+            "num_classes": self.num_classes,
+            "num_blocks": self.num_blocks,
+        }
+
+    @staticmethod
+    def wrap(
+        module: nn.Module, blocks: Sequence[str], head: str, in_shape: tuple[int, ...] = (1, 28, 28)
+    ) -> WrappedNet:
+        """View any torch model as a LayeredNet by naming its blocks and its head (no rewriting)."""
+        return WrappedNet(module, blocks, head, in_shape)
+
+
+class WrappedNet(LayeredNet):
+    """A user's model seen through forward hooks on its named blocks.
+
+    ``forward`` is the model's own forward; :meth:`forward_features` captures the named blocks' outputs
+    with temporary forward hooks. Methods that must run blocks one by one (e.g. PTU) need a zoo net.
+    """
+
+    sequential = False
+
+    def __init__(self, module: nn.Module, blocks: Sequence[str], head: str, in_shape: tuple[int, ...]) -> None:
+        nn.Module.__init__(self)
+        names = dict(module.named_modules())
+        missing = [n for n in [*blocks, head] if n not in names or n == ""]
+        if missing:
+            raise UserError(
+                f"wrapped model has no submodule {missing[0]!r}; its submodules include "
+                + ", ".join(list(n for n in names if n)[:12])
+            )
+        if not blocks:
+            raise UserError("wrap needs at least one block name")
+        self.module = module
+        self.block_names = list(blocks)
+        self.head_name = head
+        self.arch = "wrapped"
+        self.in_shape = tuple(in_shape)
+        self.arch_kwargs = {}
+        self.neck = nn.Identity()
+
+    @property
+    def blocks(self) -> nn.ModuleList:  # type: ignore[override]
+        return nn.ModuleList(self.module.get_submodule(n) for n in self.block_names)
+
+    @property
+    def head(self) -> nn.Module:  # type: ignore[override]
+        return self.module.get_submodule(self.head_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        captured: dict[int, torch.Tensor] = {}
+        handles = [
+            block.register_forward_hook(lambda _m, _i, out, i=i: captured.__setitem__(i, out))
+            for i, block in enumerate(self.blocks)
+        ]
+        try:
+            logits = self.module(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return logits, [captured[i] for i in range(len(self.block_names))]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+        handle = self.head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            self.module(x)
+        finally:
+            handle.remove()
+        return captured[0].flatten(1)
+
+    def _set_head(self, head: nn.Linear) -> None:
+        parent_name, _, attr = self.head_name.rpartition(".")
+        parent = self.module.get_submodule(parent_name) if parent_name else self.module
+        setattr(parent, attr, head)

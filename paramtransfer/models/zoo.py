@@ -1,0 +1,220 @@
+"""The model zoo: lenet, resnet20, mobilenet and rnn as LayeredNets, registered by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from paramtransfer.errors import UserError
+from paramtransfer.models.layered import LayeredNet
+from paramtransfer.registry import Registry
+
+MODELS: Registry[Callable[..., LayeredNet]] = Registry("arch")
+
+
+def _flat_dim(blocks: list[nn.Module], in_shape: tuple[int, ...]) -> int:
+    with torch.no_grad():
+        x = torch.zeros(1, *in_shape)
+        for b in blocks:
+            x = b(x)
+    return int(x.flatten(1).shape[1])
+
+
+@MODELS.register("lenet")
+def lenet(
+    num_classes: int, in_shape: tuple[int, ...] = (1, 28, 28), width: int = 32, hidden: int = 256
+) -> LayeredNet:
+    """LeNet-like 5-layer CNN (PTU paper, setting S1): conv-conv-fc-fc blocks, then the task layer."""
+    c = in_shape[0]
+    convs: list[nn.Module] = [
+        nn.Sequential(nn.Conv2d(c, width, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Conv2d(width, 2 * width, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
+    ]
+    flat = _flat_dim(convs, in_shape)
+    blocks = [
+        *convs,
+        nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(inplace=True)),
+        nn.Sequential(nn.Linear(hidden, hidden // 2), nn.ReLU(inplace=True)),
+    ]
+    return LayeredNet(
+        blocks,
+        nn.Linear(hidden // 2, num_classes),
+        arch="lenet",
+        in_shape=in_shape,
+        arch_kwargs={"width": width, "hidden": hidden},
+    )
+
+
+class BasicBlock(nn.Module):
+    """CIFAR ResNet basic block: ``relu(residual(x) + shortcut(x))``.
+
+    ``residual`` (conv-bn-relu-conv-bn) and ``shortcut`` (identity, or 1x1 conv-bn when the shape
+    changes) are separate attributes so that routing methods (SpotTune) can combine copies of them.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.residual(x) + self.shortcut(x))
+
+
+class GlobalPool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+@MODELS.register("resnet20")
+def resnet20(
+    num_classes: int, in_shape: tuple[int, ...] = (1, 28, 28), width: int = 16, depth: int = 20
+) -> LayeredNet:
+    """CIFAR-style ResNet (He et al. 2016): a stem, 3 stages x n basic blocks (n = (depth-2)/6)."""
+    if (depth - 2) % 6:
+        raise UserError(f"resnet depth must be 6n+2 (20, 32, 44, ...), got {depth}")
+    n = (depth - 2) // 6
+    blocks: list[nn.Module] = [
+        nn.Sequential(nn.Conv2d(in_shape[0], width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+    ]
+    cin = width
+    for stage, cout in enumerate((width, 2 * width, 4 * width)):
+        for i in range(n):
+            blocks.append(BasicBlock(cin, cout, stride=2 if stage > 0 and i == 0 else 1))
+            cin = cout
+    for m in nn.ModuleList(blocks).modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return LayeredNet(
+        blocks,
+        nn.Linear(cin, num_classes),
+        GlobalPool(),
+        arch="resnet20",
+        in_shape=in_shape,
+        arch_kwargs={"width": width, "depth": depth},
+    )
+
+
+def _separable(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
+        nn.BatchNorm2d(cin),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+@MODELS.register("mobilenet")
+def mobilenet(num_classes: int, in_shape: tuple[int, ...] = (1, 28, 28), width: int = 16) -> LayeredNet:
+    """A small MobileNetV1-style net (Howard et al. 2017): a stem and 6 depth-wise separable blocks."""
+    w = width
+    plan = [(w, 2 * w, 2), (2 * w, 4 * w, 1), (4 * w, 4 * w, 2), (4 * w, 8 * w, 1), (8 * w, 8 * w, 1), (8 * w, 8 * w, 1)]
+    blocks: list[nn.Module] = [
+        nn.Sequential(nn.Conv2d(in_shape[0], w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
+    ]
+    blocks += [_separable(cin, cout, s) for cin, cout, s in plan]
+    return LayeredNet(
+        blocks,
+        nn.Linear(8 * w, num_classes),
+        GlobalPool(),
+        arch="mobilenet",
+        in_shape=in_shape,
+        arch_kwargs={"width": width},
+    )
+
+
+class RowRNN(nn.Module):
+    """Reads an image row by row (rows are time steps) and returns the last hidden state.
+
+    ``cell_step`` exposes one step with the same weights, for methods that combine hidden states
+    step by step (PTU-RNN).
+
+    Shape:
+        ``[B, C, H, W] -> [B, hidden]``, with ``H`` steps of ``C*W`` inputs each.
+    """
+
+    def __init__(self, input_size: int, hidden: int = 128, cell: str = "gru") -> None:
+        super().__init__()
+        kinds = {"rnn": nn.RNN, "gru": nn.GRU}
+        if cell not in kinds:
+            raise UserError(f"unknown rnn cell {cell!r}; use one of {', '.join(kinds)}")
+        self.cell = cell
+        self.hidden = hidden
+        self.rnn = kinds[cell](input_size, hidden, batch_first=True)
+
+    @staticmethod
+    def as_sequence(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 1, 3).flatten(2)  # [B, H, C*W]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h = self.rnn(self.as_sequence(x))
+        return h[-1]
+
+    def cell_step(self, x_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """One time step: ``[B, input] x [B, hidden] -> [B, hidden]``."""
+        r = self.rnn
+        args = (x_t, h, r.weight_ih_l0, r.weight_hh_l0, r.bias_ih_l0, r.bias_hh_l0)
+        return torch.gru_cell(*args) if self.cell == "gru" else torch.rnn_tanh_cell(*args)
+
+
+@MODELS.register("rnn")
+def rnn(num_classes: int, in_shape: tuple[int, ...] = (1, 28, 28), hidden: int = 128, cell: str = "gru") -> LayeredNet:
+    """A recurrent classifier with ``hidden`` units over image rows (PTU paper, RNN experiments)."""
+    c, _, w = in_shape
+    return LayeredNet(
+        [RowRNN(c * w, hidden, cell)],
+        nn.Linear(hidden, num_classes),
+        arch="rnn",
+        in_shape=in_shape,
+        arch_kwargs={"hidden": hidden, "cell": cell},
+    )
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    in_channels: int | None = None,
+    *,
+    in_shape: tuple[int, ...] | None = None,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> LayeredNet:
+    """Build a zoo architecture as a LayeredNet.
+
+    Args:
+        arch: ``lenet``, ``resnet20``, ``mobilenet`` or ``rnn`` (see :func:`list_models`).
+        num_classes: size of the task layer.
+        in_channels: input channels (shortcut for ``in_shape=(C, 28, 28)``).
+        in_shape: full input shape ``(C, H, W)``; default ``(1, 28, 28)``.
+        seed: if given, the initial weights depend only on it (the global RNG is left untouched).
+        kwargs: architecture options (``width``, ``hidden``, ``depth``, ``cell``).
+    """
+    factory = MODELS.get(arch)
+    if num_classes < 1:
+        raise UserError(f"num_classes must be at least 1 (got {num_classes})")
+    shape = tuple(in_shape) if in_shape is not None else (in_channels or 1, 28, 28)
+    try:
+        if seed is None:
+            return factory(num_classes, in_shape=shape, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return factory(num_classes, in_shape=shape, **kwargs)
+    except TypeError as err:
+        raise UserError(f"bad option for arch {arch!r}: {err}") from None
+
+
+def list_models() -> list[str]:
+    return MODELS.names()

@@ -1,0 +1,297 @@
+"""The one training loop: fit/evaluate, per-epoch checkpoints with RNG state, early stopping on val.
+
+The loop knows nothing about methods beyond :class:`~paramtransfer.methods.base.Method`: it asks for
+parameter groups, loss terms and the backward step, and fires ``on_before_optimizer_step`` /
+``on_epoch_end`` callbacks. A run killed at any point and started again with the same checkpoint path
+resumes from the last finished epoch and ends bit-for-bit like an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paramtransfer.errors import UserError
+from paramtransfer.train.checkpoint import load_checkpoint, save_checkpoint
+
+Callback = Callable[..., None]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every method.
+
+    Attributes:
+        epochs: passes over the training split.
+        lr: base learning rate (a parameter group's ``lr_mult`` scales it).
+        batch_size: examples per step; a remainder smaller than ``min_last_batch * batch_size`` is merged
+            into the previous batch, so BatchNorm never trains on a handful of examples.
+        optimizer: ``sgd`` (with ``momentum``) or ``adam``.
+        weight_decay: plain L2 decay applied by the optimizer.
+        schedule: ``cosine`` (to 0 over ``epochs``), ``step`` (x ``step_gamma`` every ``step_every``
+            epochs; 0 means a third of the epochs) or ``constant``.
+        patience: stop after this many epochs without a better validation accuracy (None: never);
+            in every case the weights of the best validation epoch are the ones evaluated on test.
+        grad_clip: clip the global gradient norm to this value (None: no clipping).
+        channels_last: channels-last memory format for conv nets with BatchNorm (None: automatic).
+    """
+
+    epochs: int = 30
+    lr: float = 0.01
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    step_every: int = 0
+    step_gamma: float = 0.1
+    patience: int | None = 10
+    grad_clip: float | None = None
+    min_last_batch: float = 0.5
+    channels_last: bool | None = None
+    eval_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise UserError(f"epochs must be at least 1 (got {self.epochs})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"learning rate must be a positive number (got {self.lr})")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be at least 1 (got {self.batch_size})")
+        if self.optimizer not in ("sgd", "adam"):
+            raise UserError(f"optimizer {self.optimizer!r} is unknown; use sgd or adam")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise UserError(f"schedule {self.schedule!r} is unknown; use cosine, step or constant")
+        if self.patience is not None and self.patience < 1:
+            raise UserError(f"patience must be at least 1 or null (got {self.patience})")
+
+    def lr_factor(self, epoch: int) -> float:
+        """Multiplier of the base learning rate during ``epoch`` (0-based)."""
+        if self.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
+        if self.schedule == "step":
+            every = self.step_every or max(1, self.epochs // 3)
+            return self.step_gamma ** (epoch // every)
+        return 1.0
+
+
+@dataclass
+class FitOutcome:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_val_accuracy: float | None = None
+    diverged: bool = False
+    stopped_early: bool = False
+    resumed_from_epoch: int | None = None
+
+
+def batches(n: int, batch_size: int, min_last: float, perm: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Index batches over ``perm``; a small remainder joins the previous batch instead of standing alone."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] < min_last * batch_size:
+        starts.pop()
+    for i, s in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else n
+        yield perm[s:end]
+
+
+def keep_frozen_batchnorm(model: nn.Module) -> None:
+    """Put BatchNorm layers whose affine parameters are frozen in eval mode, so that their running
+    statistics never change either. A module may opt out with ``keep_training_stats = True``."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not getattr(m, "keep_training_stats", False):
+            params = list(m.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+
+
+def _uses_batchnorm2d(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+@torch.no_grad()
+def evaluate(
+    method: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``method.predict`` on ``(x, y)``, in eval mode."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(y), batch_size):
+        logits = method.predict(model, x[i : i + batch_size])
+        yb = y[i : i + batch_size]
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    n = max(1, len(y))
+    return correct / n, loss / n
+
+
+def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise UserError("this method leaves nothing to train (every parameter is frozen)")
+    for g in groups:
+        g.setdefault("lr_mult", 1.0)
+        g["lr"] = config.lr * g["lr_mult"]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fit(
+    model: nn.Module,
+    method: Any,
+    task: Any,
+    config: TrainConfig,
+    *,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    fingerprint: str = "",
+    progress: bool = False,
+    callbacks: Sequence[Callback] = (),
+) -> FitOutcome:
+    """Train ``model`` on ``task.train`` with ``method``'s loss; select the best epoch on ``task.val``.
+
+    Args:
+        checkpoint: file written after every epoch (model, optimizer, RNG states, history); if it
+            exists with the same ``fingerprint`` the run resumes from it.
+        callbacks: called as ``cb("on_before_optimizer_step", model=..., terms=..., step=...)`` and
+            ``cb("on_epoch_end", model=..., record=...)``.
+    """
+    channels_last = config.channels_last if config.channels_last is not None else _uses_batchnorm2d(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    x_train = to_memory_format(task.train.x, channels_last)
+    x_val = to_memory_format(task.val.x, channels_last)
+    y_train, y_val = task.train.y, task.val.y
+
+    torch.manual_seed(seed)
+    shuffle = torch.Generator().manual_seed(seed + 7919)
+    optimizer = make_optimizer(method.param_groups(model), config)
+    out = FitOutcome()
+    best_state: dict[str, torch.Tensor] | None = None
+    best_key = (-1.0, -math.inf)
+    bad_epochs, start_epoch, step = 0, 0, 0
+
+    state = load_checkpoint(checkpoint) if checkpoint else None
+    if state is not None and state.get("fingerprint") == fingerprint:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        shuffle.set_state(state["shuffle_rng"])
+        out.history = list(state["history"])
+        best_state = state["best_state"]
+        best_key = tuple(state["best_key"])  # type: ignore[assignment]
+        out.best_epoch = state["best_epoch"]
+        bad_epochs, start_epoch, step = state["bad_epochs"], state["epoch"] + 1, state["step"]
+        out.resumed_from_epoch = start_epoch
+
+    epochs = range(start_epoch, config.epochs)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.epochs, initial=start_epoch, desc="epochs", leave=False)
+    n = len(y_train)
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        factor = config.lr_factor(epoch)
+        for g in optimizer.param_groups:
+            g["lr"] = config.lr * g["lr_mult"] * factor
+        model.train()
+        keep_frozen_batchnorm(model)
+        sums: dict[str, float] = {}
+        seen = 0
+        perm = torch.randperm(n, generator=shuffle)
+        for idx in batches(n, config.batch_size, config.min_last_batch, perm):
+            terms = method.loss_terms(model, x_train[idx], y_train[idx])
+            total = sum(terms.values())
+            if not torch.isfinite(total):
+                out.diverged = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            method.backward(terms, model)
+            for cb in callbacks:
+                cb("on_before_optimizer_step", model=model, terms=terms, step=step)
+            if config.grad_clip is not None:
+                nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
+            optimizer.step()
+            step += 1
+            b = len(idx)
+            seen += b
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * b
+            sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) * b
+        if out.diverged:
+            break
+        val_acc, val_loss = evaluate(method, model, x_val, y_val, config.eval_batch_size)
+        if not math.isfinite(val_loss):
+            out.diverged = True
+            break
+        record = {
+            "epoch": epoch + 1,
+            "lr": config.lr * factor,
+            "train_loss": sums["loss"] / seen,
+            **{f"train_{k}": v / seen for k, v in sums.items() if k != "loss"},
+            "val_accuracy": val_acc,
+            "val_loss": val_loss,
+            "time_s": time.perf_counter() - t0,
+        }
+        for cb in callbacks:
+            cb("on_epoch_end", model=model, record=record)
+        out.history.append(record)
+        key = (val_acc, -val_loss)
+        if key > best_key:
+            best_key, best_state, out.best_epoch, bad_epochs = key, _clone_state(model), epoch + 1, 0
+        else:
+            bad_epochs += 1
+        stop = config.patience is not None and bad_epochs >= config.patience
+        if checkpoint:
+            save_checkpoint(
+                checkpoint,
+                {
+                    "fingerprint": fingerprint,
+                    "epoch": epoch,
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "shuffle_rng": shuffle.get_state(),
+                    "history": out.history,
+                    "best_state": best_state,
+                    "best_key": list(best_key),
+                    "best_epoch": out.best_epoch,
+                    "bad_epochs": bad_epochs,
+                },
+            )
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{val_acc:.3f}")
+        if stop:
+            out.stopped_early = True
+            break
+    if bar is not None:
+        bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        out.best_val_accuracy = best_key[0]
+    return out
+
+
+def config_dict(config: TrainConfig) -> dict[str, Any]:
+    return asdict(config)
