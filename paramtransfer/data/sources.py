@@ -102,7 +102,9 @@ def load_digits() -> RawData:
 
     d = _sk_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # [N,1,8,8] in [0,1]
-    return RawData(x=x, y=torch.from_numpy(d.target.astype(np.int64)), classes=tuple(str(i) for i in range(10)))
+    return RawData(
+        x=x, y=torch.from_numpy(d.target.astype(np.int64)), classes=tuple(str(i) for i in range(10))
+    )
 
 
 def load_folder(path: str) -> RawData:

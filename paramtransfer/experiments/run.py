@@ -95,7 +95,7 @@ def train_model(
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
-    lr: float = 0.01,
+    lr: float | None = 0.01,
     epochs: int = 30,
     shots: int | None = None,
     limit: int | None = None,
@@ -130,20 +130,28 @@ def train_model(
         task = load_task(
             target, shots, seed, val_shots=val_shots, limit=limit, test_limit=test_limit, in_shape=in_shape
         )
-    train_cfg = make_config(TrainConfig, {"epochs": epochs, "lr": lr, **(train_options or {})}, "training")
+    train_cfg = None
+    if m.trains:
+        if lr is None:
+            raise UserError(f"method {m.name!r} trains by gradient descent and needs a learning rate (--lr)")
+        train_cfg = make_config(
+            TrainConfig, {"epochs": epochs, "lr": lr, **(train_options or {})}, "training"
+        )
     run_arch = source.arch if source is not None else (arch or "none")
     config = {
-        "lr": lr,
-        "epochs": epochs,
+        "lr": lr if m.trains else None,
+        "epochs": epochs if m.trains else None,
         "shots": task.shots,
-        "train": dataclasses.asdict(train_cfg),
+        "train": dataclasses.asdict(train_cfg) if train_cfg is not None else None,
         "method": dataclasses.asdict(m.config),
         "data": {"val_shots": val_shots, "limit": limit, "test_limit": test_limit},
         "arch_kwargs": dict(arch_kwargs or (source.arch_kwargs if source is not None else {})),
     }
     fingerprint = hashlib.sha1(
         json.dumps(
-            [m.variant(), task.spec, seed, run_arch, config, _source_identity(source)], sort_keys=True, default=str
+            [m.variant(), task.spec, seed, run_arch, config, _source_identity(source)],
+            sort_keys=True,
+            default=str,
         ).encode()
     ).hexdigest()[:16]
     out_dir = Path(out) if out is not None else None
@@ -170,10 +178,13 @@ def train_model(
         )
         model = None
     else:
+        assert train_cfg is not None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if source is None and arch is not None and not m.needs_source:  # scratch without a source
-                model = build_model(arch, task.num_classes, in_shape=in_shape, seed=seed, **(arch_kwargs or {}))
+                model = build_model(
+                    arch, task.num_classes, in_shape=in_shape, seed=seed, **(arch_kwargs or {})
+                )
             else:
                 model = m.build(source, task.num_classes, arch=run_arch, in_shape=in_shape, seed=seed)
             outcome = fit(
@@ -220,7 +231,11 @@ def train_model(
         if save_weights and model is not None and result.status == "ok":
             exported = m.export(model)
             if isinstance(exported, LayeredNet) and exported.arch not in ("custom", "wrapped"):
-                save_model(exported.to(memory_format=torch.contiguous_format), out_dir / "model", {"method": result.method})
+                save_model(
+                    exported.to(memory_format=torch.contiguous_format),
+                    out_dir / "model",
+                    {"method": result.method},
+                )
         result.save(out_dir / RESULT)
         (out_dir / CHECKPOINT).unlink(missing_ok=True)
     return result, model

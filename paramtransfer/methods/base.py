@@ -62,7 +62,9 @@ class Method:
         self.config = config if config is not None else self.Config()
 
     # ---- construction -------------------------------------------------------------------------
-    def build(self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int) -> nn.Module:
+    def build(
+        self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int
+    ) -> nn.Module:
         """The target model. Default: a copy of the source with a fresh head, everything trainable."""
         return transfer_copy(self._require_source(source), num_classes, seed)
 
@@ -108,7 +110,9 @@ class Method:
 
     def _require_source(self, source: LayeredNet | None) -> LayeredNet:
         if source is None:
-            raise UserError(f"method {self.name!r} transfers from a source; give --source (a spec or a saved model)")
+            raise UserError(
+                f"method {self.name!r} transfers from a source; give --source (a spec or a saved model)"
+            )
         return source
 
 
@@ -139,7 +143,9 @@ def transfer_copy(source: LayeredNet, num_classes: int, seed: int) -> LayeredNet
     return model
 
 
-def fresh_model(source: LayeredNet | None, num_classes: int, arch: str | None, in_shape: tuple, seed: int) -> LayeredNet:
+def fresh_model(
+    source: LayeredNet | None, num_classes: int, arch: str | None, in_shape: tuple, seed: int
+) -> LayeredNet:
     """A randomly initialised net of the source's architecture (or ``arch`` when there is no source)."""
     if source is not None:
         if source.arch in ("custom", "wrapped"):
@@ -151,7 +157,9 @@ def fresh_model(source: LayeredNet | None, num_classes: int, arch: str | None, i
                         m.reset_parameters()
                 model.reset_head(num_classes)
             return model
-        return build_model(source.arch, num_classes, in_shape=source.in_shape, seed=seed, **source.arch_kwargs)
+        return build_model(
+            source.arch, num_classes, in_shape=source.in_shape, seed=seed, **source.arch_kwargs
+        )
     if arch is None:
         raise UserError("training from scratch needs --arch (or a --source whose architecture to copy)")
     return build_model(arch, num_classes, in_shape=in_shape, seed=seed)

@@ -28,7 +28,9 @@ class Scratch(Method):
 
     needs_source = False
 
-    def build(self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int) -> nn.Module:
+    def build(
+        self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int
+    ) -> nn.Module:
         return fresh_model(source, num_classes, arch, in_shape, seed)
 
 
@@ -83,10 +85,14 @@ class Finetune(Method):
             chosen = torch.randperm(num_blocks, generator=gen)[: num_blocks // 2]
             return sorted(int(i) for i in chosen)
         if int(c.freeze) > num_blocks:
-            raise UserError(f"freeze={c.freeze} but the source has only {num_blocks} blocks (use 0..{num_blocks})")
+            raise UserError(
+                f"freeze={c.freeze} but the source has only {num_blocks} blocks (use 0..{num_blocks})"
+            )
         return list(range(int(c.freeze)))
 
-    def build(self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int) -> nn.Module:
+    def build(
+        self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int
+    ) -> nn.Module:
         model = transfer_copy(self._require_source(source), num_classes, seed)
         frozen = self.frozen_blocks(model.num_blocks, seed)
         freeze([model.blocks[i] for i in frozen])
@@ -109,7 +115,9 @@ class Finetune(Method):
 class LinearProbe(Method):
     """Feature extractor: every source block frozen (weights and BatchNorm statistics), a new head trains."""
 
-    def build(self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int) -> nn.Module:
+    def build(
+        self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int
+    ) -> nn.Module:
         model = transfer_copy(self._require_source(source), num_classes, seed)
         freeze(list(model.blocks))
         return model

@@ -46,7 +46,9 @@ class L2SP(Method):
 
     Config = L2SPConfig
 
-    def build(self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int) -> nn.Module:
+    def build(
+        self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int
+    ) -> nn.Module:
         model = transfer_copy(self._require_source(source), num_classes, seed)
         self.transferred = [p for p in model.blocks.parameters()]
         self.anchors = [p.detach().clone() for p in self.transferred]
@@ -120,7 +122,9 @@ class KnowDist(Method):
 
     Config = KnowDistConfig
 
-    def build(self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int) -> nn.Module:
+    def build(
+        self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int
+    ) -> nn.Module:
         src = self._require_source(source)
         target = transfer_copy(src, num_classes, seed)
         frozen = copy.deepcopy(src)

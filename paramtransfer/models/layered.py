@@ -63,7 +63,9 @@ class LayeredNet(nn.Module):
     def head_layer(self) -> nn.Linear:
         head = self.head
         if not isinstance(head, nn.Linear):
-            raise UserError(f"the head of {self.arch} is a {type(head).__name__}; a transfer head must be nn.Linear")
+            raise UserError(
+                f"the head of {self.arch} is a {type(head).__name__}; a transfer head must be nn.Linear"
+            )
         return head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +125,9 @@ class WrappedNet(LayeredNet):
 
     sequential = False
 
-    def __init__(self, module: nn.Module, blocks: Sequence[str], head: str, in_shape: tuple[int, ...]) -> None:
+    def __init__(
+        self, module: nn.Module, blocks: Sequence[str], head: str, in_shape: tuple[int, ...]
+    ) -> None:
         nn.Module.__init__(self)
         names = dict(module.named_modules())
         missing = [n for n in [*blocks, head] if n not in names or n == ""]

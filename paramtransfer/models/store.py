@@ -31,7 +31,9 @@ def home() -> Path:
 def save_model(model: LayeredNet, directory: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` and ``meta.json`` (architecture + ``meta``) into ``directory``."""
     if model.arch in ("custom", "wrapped"):
-        raise UserError("only zoo architectures can be saved and rebuilt; save a wrapped model's state_dict yourself")
+        raise UserError(
+            "only zoo architectures can be saved and rebuilt; save a wrapped model's state_dict yourself"
+        )
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -47,9 +49,13 @@ def load_model(path: str | os.PathLike) -> LayeredNet:
     p = Path(path).expanduser()
     d = p.parent if p.suffix == ".safetensors" else p
     if not (d / WEIGHTS).is_file() or not (d / META).is_file():
-        raise UserError(f"no saved model at {p} (expected {WEIGHTS} and {META}); create one with `paramtransfer pretrain`")
+        raise UserError(
+            f"no saved model at {p} (expected {WEIGHTS} and {META}); create one with `paramtransfer pretrain`"
+        )
     meta = json.loads((d / META).read_text())
-    model = build_model(meta["arch"], meta["num_classes"], in_shape=tuple(meta["in_shape"]), **meta["arch_kwargs"])
+    model = build_model(
+        meta["arch"], meta["num_classes"], in_shape=tuple(meta["in_shape"]), **meta["arch_kwargs"]
+    )
     model.load_state_dict(load_file(str(d / WEIGHTS)))
     model.source_info = meta
     return model
@@ -137,7 +143,9 @@ def resolve_source(
     if Path(source).expanduser().exists():
         model = load_model(source)
         if arch is not None and arch != model.arch:
-            raise UserError(f"the source at {source} is a {model.arch}, but --arch is {arch}; drop --arch or match it")
+            raise UserError(
+                f"the source at {source} is a {model.arch}, but --arch is {arch}; drop --arch or match it"
+            )
         return model
     if arch is None:
         raise UserError(f"to pretrain a source on {source!r} give --arch (e.g. lenet)")

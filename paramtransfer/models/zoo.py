@@ -86,7 +86,9 @@ def resnet20(
         raise UserError(f"resnet depth must be 6n+2 (20, 32, 44, ...), got {depth}")
     n = (depth - 2) // 6
     blocks: list[nn.Module] = [
-        nn.Sequential(nn.Conv2d(in_shape[0], width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        nn.Sequential(
+            nn.Conv2d(in_shape[0], width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
     ]
     cin = width
     for stage, cout in enumerate((width, 2 * width, 4 * width)):
@@ -121,9 +123,18 @@ def _separable(cin: int, cout: int, stride: int) -> nn.Sequential:
 def mobilenet(num_classes: int, in_shape: tuple[int, ...] = (1, 28, 28), width: int = 16) -> LayeredNet:
     """A small MobileNetV1-style net (Howard et al. 2017): a stem and 6 depth-wise separable blocks."""
     w = width
-    plan = [(w, 2 * w, 2), (2 * w, 4 * w, 1), (4 * w, 4 * w, 2), (4 * w, 8 * w, 1), (8 * w, 8 * w, 1), (8 * w, 8 * w, 1)]
+    plan = [
+        (w, 2 * w, 2),
+        (2 * w, 4 * w, 1),
+        (4 * w, 4 * w, 2),
+        (4 * w, 8 * w, 1),
+        (8 * w, 8 * w, 1),
+        (8 * w, 8 * w, 1),
+    ]
     blocks: list[nn.Module] = [
-        nn.Sequential(nn.Conv2d(in_shape[0], w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
+        nn.Sequential(
+            nn.Conv2d(in_shape[0], w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)
+        )
     ]
     blocks += [_separable(cin, cout, s) for cin, cout, s in plan]
     return LayeredNet(
@@ -171,7 +182,9 @@ class RowRNN(nn.Module):
 
 
 @MODELS.register("rnn")
-def rnn(num_classes: int, in_shape: tuple[int, ...] = (1, 28, 28), hidden: int = 128, cell: str = "gru") -> LayeredNet:
+def rnn(
+    num_classes: int, in_shape: tuple[int, ...] = (1, 28, 28), hidden: int = 128, cell: str = "gru"
+) -> LayeredNet:
     """A recurrent classifier with ``hidden`` units over image rows (PTU paper, RNN experiments)."""
     c, _, w = in_shape
     return LayeredNet(

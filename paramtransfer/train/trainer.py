@@ -229,7 +229,9 @@ def fit(
             for cb in callbacks:
                 cb("on_before_optimizer_step", model=model, terms=terms, step=step)
             if config.grad_clip is not None:
-                nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
+                nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], config.grad_clip
+                )
             optimizer.step()
             step += 1
             b = len(idx)

@@ -1,0 +1,346 @@
+"""The ``paramtransfer`` command: pretrain | run | compare | demo | report.
+
+Bad input (unknown method or arch, class range outside the dataset, missing data, bad shots, a
+malformed ``--set``, a source that does not fit) ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from paramtransfer.errors import UserError
+
+EPILOG = """\
+--set KEY=VALUE (repeatable) overrides a setting:
+  train.FIELD=V     training: epochs, batch_size, optimizer (sgd|adam), momentum, weight_decay,
+                    schedule (cosine|step|constant), patience, grad_clip, ...
+  data.FIELD=V      data: val_shots (validation examples per class), test_limit
+  METHOD.FIELD=V    a method's option, e.g. l2sp.alpha=0.1, knowdist.layers=[0,1], knn.ks=[1,5]
+  FIELD=V           the training or method field of that name, e.g. batch_size=64 or alpha=0.1
+Methods take options in brackets too: finetune[freeze=2], finetune[freeze=all] (every FT-l),
+finetune[last_k=2], finetune[stochastic=true], l2sp[alpha=0.1,beta=0.01].
+"""
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def parse_sets(sets: Sequence[str], method_names: Sequence[str]) -> tuple[dict, dict, dict[str, dict]]:
+    """Split ``--set`` items into training, data and per-method options (see ``EPILOG``)."""
+    from paramtransfer.methods.base import METHODS, parse_value
+    from paramtransfer.train.trainer import TrainConfig
+
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    data_fields = {"val_shots", "test_limit"}
+    train: dict[str, Any] = {}
+    data: dict[str, Any] = {}
+    per_method: dict[str, dict[str, Any]] = {}
+    for item in sets:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key or not raw.strip():
+            raise UserError(f"malformed --set {item!r}; write KEY=VALUE, e.g. --set train.batch_size=64")
+        value = parse_value(raw.strip())
+        scope, _, name = key.rpartition(".")
+        if scope == "train":
+            if name not in train_fields:
+                raise UserError(
+                    f"--set {key}: training has no field {name!r}; fields: {', '.join(sorted(train_fields))}"
+                )
+            train[name] = value
+        elif scope == "data":
+            if name not in data_fields:
+                raise UserError(
+                    f"--set {key}: data has no field {name!r}; fields: {', '.join(sorted(data_fields))}"
+                )
+            data[name] = value
+        elif scope:
+            METHODS.get(scope)  # unknown method -> error listing the known ones
+            per_method.setdefault(scope, {})[name] = value
+        elif name in train_fields:
+            train[name] = value
+        else:
+            owners = [
+                m for m in method_names if name in {f.name for f in dataclasses.fields(METHODS.get(m).Config)}
+            ]
+            if not owners:
+                raise UserError(
+                    f"--set {key}: no training field and no option of {', '.join(method_names) or 'the methods'} "
+                    f"is called {name!r}; use train.FIELD, data.FIELD or METHOD.FIELD"
+                )
+            for m in owners:
+                per_method.setdefault(m, {})[name] = value
+    return train, data, per_method
+
+
+def _common(p: argparse.ArgumentParser, *, out: str) -> None:
+    p.add_argument("--out", default=out, help=f"output directory (default: {out})")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (see below)"
+    )
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--arch", default="lenet", help="architecture: lenet, resnet20, mobilenet, rnn (default: lenet)"
+    )
+    p.add_argument(
+        "--source",
+        default="fashion[0-4]",
+        help="source: a task spec to pretrain on (cached), or a saved model directory (default: fashion[0-4])",
+    )
+    p.add_argument(
+        "--source-epochs", type=_positive_int, default=3, help="epochs to pretrain the source (default: 3)"
+    )
+    p.add_argument(
+        "--source-limit", type=_positive_int, default=None, metavar="N", help="cap source training examples"
+    )
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="fashion[5-9]", help="target task spec (default: fashion[5-9])")
+    p.add_argument(
+        "--shots", type=int, default=20, help="labelled training examples per class; 0 = all (default: 20)"
+    )
+    p.add_argument(
+        "--epochs", type=_positive_int, default=30, help="training epochs on the target (default: 30)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paramtransfer",
+        description="Parameter-based deep transfer learning: transfer a source network to a small target task "
+        "and compare strategies with the baselines.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "pretrain",
+        help="train a source model once and cache it",
+        description="Train ARCH on the source task and cache it under $PARAMTRANSFER_HOME (default "
+        "~/.cache/paramtransfer); a second call with the same settings loads the cached model.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _source_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the source training (default: 0)")
+    p.add_argument("--lr", type=float, default=0.02, help="source learning rate (default: 0.02)")
+    p.add_argument("--force", action="store_true", help="retrain even if a cached model exists")
+    p.add_argument("--out", default=None, help="also save a copy of the model here")
+
+    for name, help_text, out in (
+        ("compare", "methods x learning rates x seeds, learning rate chosen on validation", "runs/compare"),
+        ("demo", "the default comparison (LeNet, Fashion-MNIST [0-4] -> [5-9], 20 shots)", "runs/demo"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=f"{help_text[0].upper()}{help_text[1:]}. Writes OUT/results.json (every run, and the "
+            "learning rate selected per method), OUT/table.md and PNG plots, and prints the table. "
+            "Finished runs are reused when the command is repeated.",
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _source_args(p)
+        _target_args(p)
+        p.add_argument(
+            "--methods",
+            default="scratch,linear_probe,finetune,finetune[freeze=all],l2sp",
+            help="comma-separated method specs (default: scratch,linear_probe,finetune,finetune[freeze=all],l2sp)",
+        )
+        p.add_argument(
+            "--lr", type=_floats, default=[0.1, 0.01, 0.001], help="learning rates (default: 0.1,0.01,0.001)"
+        )
+        p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="seeds (default: 0,1,2)")
+        p.add_argument("--seed", type=int, default=None, help="a single seed (shorthand for --seeds N)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        _common(p, out=out)
+
+    p = sub.add_parser(
+        "run",
+        help="one method, one learning rate, one seed -> OUT/result.json",
+        description="Transfer the source to the target with one method and write OUT/result.json; a run killed "
+        "part-way resumes from its checkpoint when started again with the same --out.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _source_args(p)
+    _target_args(p)
+    p.add_argument(
+        "--method", default="finetune", help="method spec, e.g. finetune[freeze=1] (default: finetune)"
+    )
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate (default: 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--save-model", action="store_true", help="also save the trained model under OUT/model")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common(p, out="runs/run")
+
+    p = sub.add_parser(
+        "report",
+        help="rebuild table.md and plots from a comparison's results",
+        description="Rebuild table.md, ft_layers.png and learning_curves.png from DIR/results.json (or from "
+        "DIR/runs/**/result.json) and print the table.",
+    )
+    p.add_argument("dir", help="a compare/demo output directory")
+    p.add_argument("--out", default=None, help="where to write (default: DIR)")
+    return parser
+
+
+def _resolve_source(args: argparse.Namespace, method_specs: Sequence[str]):
+    from paramtransfer.methods.base import METHODS, parse_method_spec
+    from paramtransfer.models.store import resolve_source
+
+    if not any(METHODS.get(parse_method_spec(s)[0]).needs_source for s in method_specs):
+        return None
+    return resolve_source(
+        args.source, args.arch, epochs=args.source_epochs, seed=0, limit=args.source_limit, progress=True
+    )
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    from paramtransfer.models.store import pretrain, save_model
+
+    model = pretrain(
+        args.arch,
+        args.source,
+        epochs=args.source_epochs,
+        seed=args.seed,
+        limit=args.source_limit,
+        lr=args.lr,
+        force=args.force,
+        progress=True,
+    )
+    info = model.source_info
+    print(
+        f"{args.arch} on {args.source}: val accuracy {100 * info['val_accuracy']:.2f}%, "
+        f"test accuracy {100 * info['test_accuracy']:.2f}% ({info['wall_time_s']:.0f} s to train)"
+    )
+    if args.out:
+        print(
+            f"saved to {save_model(model, args.out, {k: v for k, v in info.items() if k not in model.describe()})}"
+        )
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from paramtransfer.experiments.run import train_model
+    from paramtransfer.methods.base import parse_method_spec
+
+    name = parse_method_spec(args.method)[0]
+    train, data, per_method = parse_sets(args.set, [name])
+    source = _resolve_source(args, [args.method])
+    result, _ = train_model(
+        args.method,
+        source=source,
+        target=args.target,
+        arch=args.arch,
+        seed=args.seed,
+        lr=args.lr,
+        epochs=args.epochs,
+        shots=args.shots or None,
+        val_shots=data.get("val_shots"),
+        test_limit=data.get("test_limit"),
+        train_options=train,
+        method_options=per_method.get(name, {}),
+        out=args.out,
+        save_weights=args.save_model,
+        progress=not args.quiet,
+    )
+    if result.status != "ok":
+        print(f"{result.method}: diverged (non-finite loss) at lr={args.lr}; try a smaller --lr")
+    else:
+        print(
+            f"{result.method} {result.source} → {result.target} ({result.arch}, seed {result.seed}): "
+            f"val {100 * result.val_accuracy:.2f}%, test {100 * result.test_accuracy:.2f}% "
+            f"in {result.wall_time_s:.1f} s"
+        )
+    print(f"wrote {Path(args.out) / 'result.json'}")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from paramtransfer.experiments.compare import CompareConfig, compare
+    from paramtransfer.methods.base import parse_method_spec, split_method_list
+    from paramtransfer.report import comparison_table
+
+    methods = split_method_list(args.methods)
+    names = [parse_method_spec(m)[0] for m in methods]
+    train, data, per_method = parse_sets(args.set, names)
+    config = CompareConfig(
+        arch=args.arch,
+        source=args.source,
+        target=args.target,
+        shots=args.shots or None,
+        methods=methods,
+        lrs=args.lr,
+        seeds=[args.seed] if args.seed is not None else args.seeds,
+        epochs=args.epochs,
+        source_epochs=args.source_epochs,
+        source_limit=args.source_limit,
+        train=train,
+        data=data,
+        method_options=per_method,
+    )
+    source = _resolve_source(args, methods)
+    summary = compare(config, args.out, source=source, progress=not args.quiet)
+    print(comparison_table(summary))
+    print(f"wrote {args.out}/results.json, table.md and plots")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from paramtransfer.report import comparison_table, load_results, write_report
+
+    summary = load_results(args.dir)
+    written = write_report(summary, args.out or args.dir)
+    print(comparison_table(summary))
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {
+        "pretrain": _cmd_pretrain,
+        "run": _cmd_run,
+        "compare": _cmd_compare,
+        "demo": _cmd_compare,
+        "report": _cmd_report,
+    }
+    try:
+        import paramtransfer  # noqa: F401  (registers methods)
+
+        handlers[args.command](args)
+    except UserError as err:
+        print(f"paramtransfer: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("paramtransfer: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Compare: methods x learning rates x seeds on one source/target pair, with hold-out selection.
+
+The learning rate of each method variant is the one with the best mean validation accuracy over
+seeds; a learning rate at which any seed diverged is not eligible (the table says so). Test accuracy
+is reported only at the selected learning rate, as mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from paramtransfer.errors import UserError
+from paramtransfer.experiments.run import RunResult, train_model
+from paramtransfer.methods.base import METHODS, make_config, make_method, parse_method_spec, split_method_list
+from paramtransfer.models.layered import LayeredNet
+from paramtransfer.models.store import resolve_source
+from paramtransfer.train.checkpoint import atomic_write_json
+
+DEMO_METHODS = "scratch,linear_probe,finetune,finetune[freeze=all],l2sp"
+
+
+@dataclass
+class CompareConfig:
+    """One comparison. ``method_options`` maps a method name to option overrides (from ``--set``)."""
+
+    arch: str = "lenet"
+    source: str = "fashion[0-4]"
+    target: str = "fashion[5-9]"
+    shots: int | None = 20
+    methods: list[str] = field(default_factory=lambda: split_method_list(DEMO_METHODS))
+    lrs: list[float] = field(default_factory=lambda: [0.1, 0.01, 0.001])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs: int = 30
+    source_epochs: int = 3
+    source_limit: int | None = None
+    source_seed: int = 0
+    train: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise UserError("no methods to compare; give --methods, e.g. scratch,finetune")
+        if not self.lrs or any(lr <= 0 for lr in self.lrs):
+            raise UserError("learning rates must be positive, e.g. --lr 0.1,0.01,0.001")
+        if not self.seeds:
+            raise UserError("give at least one seed, e.g. --seeds 0,1,2")
+
+
+@dataclass
+class PlannedRun:
+    variant: str
+    spec: str
+    options: dict[str, Any]
+    lr: float | None
+    seed: int
+
+    def directory(self, root: Path) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9=.+-]+", "_", self.variant).strip("_")
+        return (
+            root
+            / "runs"
+            / safe
+            / (f"lr={self.lr:g}" if self.lr is not None else "no-lr")
+            / f"seed={self.seed}"
+        )
+
+
+def plan_runs(config: CompareConfig, source: LayeredNet | None) -> list[PlannedRun]:
+    """Expand method specs (``finetune[freeze=all]`` -> one variant per l) into the run grid."""
+    plan: list[PlannedRun] = []
+    seen: set[str] = set()
+    for spec in config.methods:
+        name, options = parse_method_spec(spec)
+        cls = METHODS.get(name)
+        options = {**config.method_options.get(name, {}), **options}
+        for opts in cls.expand(options, source):
+            method = cls(make_config(cls.Config, opts, f"method {name!r}"))
+            variant = method.variant()
+            if variant in seen:
+                continue
+            seen.add(variant)
+            lrs: list[float | None] = list(config.lrs) if cls.trains else [None]
+            plan += [PlannedRun(variant, name, opts, lr, s) for lr in lrs for s in config.seeds]
+    return plan
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def select(runs: list[RunResult]) -> dict[str, dict[str, Any]]:
+    """Per method variant: the learning rate with the best mean validation accuracy, and its test scores."""
+    by_variant: dict[str, dict[Any, list[RunResult]]] = {}
+    for r in runs:
+        by_variant.setdefault(r.method, {}).setdefault(r.config.get("lr"), []).append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for variant, by_lr in by_variant.items():
+        per_lr, diverged = {}, {}
+        for lr, rs in by_lr.items():
+            bad = [r for r in rs if r.status != "ok"]
+            if bad:
+                diverged[str(lr)] = f"{len(bad)}/{len(rs)}"
+                continue
+            per_lr[lr] = _mean_std([r.val_accuracy for r in rs])[0]
+        entry: dict[str, Any] = {
+            "val_by_lr": {str(k): v for k, v in per_lr.items()},
+            "diverged_lrs": diverged,
+            "lr": None,
+            "status": "diverged" if not per_lr else "ok",
+        }
+        if per_lr:
+            best_lr = max(per_lr, key=lambda lr: per_lr[lr])
+            chosen = sorted(by_lr[best_lr], key=lambda r: r.seed)
+            val_m, val_s = _mean_std([r.val_accuracy for r in chosen])
+            test_m, test_s = _mean_std([r.test_accuracy for r in chosen])
+            entry.update(
+                lr=best_lr,
+                val_mean=val_m,
+                val_std=val_s,
+                test_mean=test_m,
+                test_std=test_s,
+                n_seeds=len(chosen),
+                seeds=[r.seed for r in chosen],
+                test_by_seed=[r.test_accuracy for r in chosen],
+                arch=chosen[0].arch,
+                frozen_blocks=chosen[0].config.get("method", {}).get("freeze"),
+            )
+        out[variant] = entry
+    return out
+
+
+def compare(
+    config: CompareConfig,
+    out: str | Path,
+    *,
+    source: LayeredNet | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the grid, select learning rates on validation, write ``results.json``, ``table.md`` and plots.
+
+    Finished runs (complete ``result.json`` with the same settings) are reused, so re-running a
+    killed comparison only does what is missing. Returns the content of ``results.json``.
+    """
+    from paramtransfer.report import write_report
+
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    src = source
+    if src is None and any(METHODS.get(parse_method_spec(s)[0]).needs_source for s in config.methods):
+        src = resolve_source(
+            config.source,
+            config.arch,
+            epochs=config.source_epochs,
+            seed=config.source_seed,
+            limit=config.source_limit,
+            progress=progress,
+        )
+    plan = plan_runs(config, src)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan), desc="runs", unit="run")
+    results: list[RunResult] = []
+    for p in plan:
+        if bar is not None:
+            bar.set_postfix_str(f"{p.variant} lr={p.lr} seed={p.seed}")
+        result, _ = train_model(
+            make_method(p.spec, **p.options),
+            source=src,
+            target=config.target,
+            arch=config.arch,
+            seed=p.seed,
+            lr=p.lr,
+            epochs=config.epochs,
+            shots=config.shots,
+            val_shots=config.data.get("val_shots"),
+            test_limit=config.data.get("test_limit"),
+            train_options=config.train,
+            out=p.directory(root),
+        )
+        results.append(result)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    summary = {
+        "config": dataclasses.asdict(config),
+        "source": getattr(src, "source_info", None) if src is not None else None,
+        "selected": select(results),
+        "runs": [r.to_dict() for r in results],
+    }
+    atomic_write_json(root / "results.json", summary)
+    write_report(summary, root)
+    return summary

@@ -1,0 +1,92 @@
+"""PNG plots: FT-l accuracy against l (PTU paper Fig. 6) and learning curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from paramtransfer.report.tables import ft_level, label  # noqa: E402
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def plot_ft_layers(summary: dict[str, Any], path: Path) -> Path | None:
+    """Test accuracy of FT-l for every l (error bars: std over seeds), references as lines."""
+    selected = summary["selected"]
+    points = sorted(
+        (ft_level(v), e) for v, e in selected.items() if ft_level(v) is not None and e.get("status") == "ok"
+    )
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [lvl for lvl, _ in points]
+    ax.errorbar(
+        xs,
+        [100 * e["test_mean"] for _, e in points],
+        yerr=[100 * e["test_std"] for _, e in points],
+        marker="o",
+        capsize=3,
+        label="FT-l",
+    )
+    styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3))])
+    for v, e in selected.items():
+        if ft_level(v) is None and e.get("status") == "ok":
+            ax.axhline(
+                100 * e["test_mean"], linestyle=next(styles, "--"), color="gray", alpha=0.8, label=label(v)
+            )
+    ax.set_xticks(xs)
+    ax.set_xlabel("l (number of frozen source blocks)")
+    ax.set_ylabel("test accuracy (%)")
+    cfg = summary.get("config", {})
+    ax.set_title(f"FT-l: {cfg.get('source')} → {cfg.get('target')} ({cfg.get('arch')})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(summary: dict[str, Any], path: Path) -> Path | None:
+    """Training loss and validation accuracy per epoch at each variant's chosen learning rate."""
+    selected = summary["selected"]
+    curves: dict[str, list[list[dict[str, Any]]]] = {}
+    for r in summary["runs"]:
+        e = selected.get(r["method"], {})
+        if (
+            r["history"]
+            and r["status"] == "ok"
+            and e.get("lr") is not None
+            and r["config"].get("lr") == e["lr"]
+        ):
+            curves.setdefault(r["method"], []).append(r["history"])
+    if not curves:
+        return None
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for variant, histories in sorted(curves.items()):
+        n = max(len(h) for h in histories)  # early stopping may end seeds at different epochs
+        epochs = list(range(1, n + 1))
+        loss = [_mean([h[i]["train_loss"] for h in histories if i < len(h)]) for i in range(n)]
+        acc = [100 * _mean([h[i]["val_accuracy"] for h in histories if i < len(h)]) for i in range(n)]
+        (line,) = ax_loss.plot(epochs, loss, label=label(variant))
+        ax_acc.plot(epochs, acc, color=line.get_color(), label=label(variant))
+    ax_loss.set(xlabel="epoch", ylabel="training loss (all terms)", yscale="log", title="training loss")
+    ax_acc.set(
+        xlabel="epoch",
+        ylabel="validation accuracy (%)",
+        title="validation accuracy (mean over seeds still running)",
+    )
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

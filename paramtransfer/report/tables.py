@@ -1,0 +1,97 @@
+"""Markdown tables from comparison results (the content of ``results.json``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_FREEZE = re.compile(r"^finetune\[freeze=(\d+)\]$")
+
+
+def label(variant: str) -> str:
+    """A reader's name for a method variant (``finetune[freeze=2]`` -> ``FT-2``)."""
+    m = _FREEZE.match(variant)
+    if m:
+        return f"FT-{m.group(1)}"
+    return {
+        "scratch": "scratch (NoTL)",
+        "finetune": "fine-tune (FT-0)",
+        "linear_probe": "linear probe",
+        "random_guess": "random guess",
+        "knn": "K-NN",
+    }.get(variant, variant)
+
+
+def ft_level(variant: str) -> int | None:
+    """``l`` of an FT-l variant (plain ``finetune`` is FT-0), else None."""
+    if variant == "finetune":
+        return 0
+    m = _FREEZE.match(variant)
+    return int(m.group(1)) if m else None
+
+
+_FIRST = ("scratch", "random_guess", "knn", "linear_probe")
+
+
+def row_order(variant: str) -> tuple:
+    """Baselines first, then FT-l by l, other fine-tuning variants, then everything else by name."""
+    if variant in _FIRST:
+        return (0, _FIRST.index(variant), "")
+    level = ft_level(variant)
+    if level is not None:
+        return (1, level, "")
+    if variant.startswith("finetune"):
+        return (2, 0, variant)
+    return (3, 0, variant)
+
+
+def best_ft(selected: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
+    """The FT-l variant (l >= 0) with the best mean validation accuracy (never chosen on test)."""
+    cands = [(v, e) for v, e in selected.items() if ft_level(v) is not None and e.get("status") == "ok"]
+    if not cands:
+        return None
+    return max(cands, key=lambda ve: ve[1]["val_mean"])
+
+
+def _pct(mean: float, std: float) -> str:
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _notes(entry: dict[str, Any]) -> str:
+    div = entry.get("diverged_lrs") or {}
+    return "; ".join(f"diverged at lr={lr} ({n} seeds)" for lr, n in div.items())
+
+
+def comparison_table(summary: dict[str, Any]) -> str:
+    """A markdown table: one row per method variant, plus the best FT-l (chosen on validation)."""
+    selected: dict[str, dict[str, Any]] = summary["selected"]
+    cfg = summary.get("config", {})
+    header = (
+        f"Transfer {cfg.get('source')} → {cfg.get('target')} ({cfg.get('arch')}, "
+        f"{cfg.get('shots') or 'all'} shots per class, {len(cfg.get('seeds', []))} seeds). "
+        f"Accuracy in %, mean ± std over seeds; learning rate chosen on the validation split from "
+        f"{{{', '.join(f'{lr:g}' for lr in cfg.get('lrs', []))}}}.\n\n"
+    )
+    lines = [
+        "| method | lr (chosen on val) | val accuracy | test accuracy | notes |",
+        "|---|---|---|---|---|",
+    ]
+    order = sorted(selected, key=row_order)
+    for variant in order:
+        e = selected[variant]
+        if e.get("status") != "ok":
+            lines.append(f"| {label(variant)} | — | — | — | every learning rate diverged; {_notes(e)} |")
+            continue
+        lr = "—" if e["lr"] is None else f"{e['lr']:g}"
+        lines.append(
+            f"| {label(variant)} | {lr} | {_pct(e['val_mean'], e['val_std'])} | "
+            f"{_pct(e['test_mean'], e['test_std'])} | {_notes(e)} |"
+        )
+    best = best_ft(selected)
+    if best is not None:
+        v, e = best
+        lines.append(
+            f"| **best FT-l** = {label(v)} | {e['lr']:g} | {_pct(e['val_mean'], e['val_std'])} | "
+            f"{_pct(e['test_mean'], e['test_std'])} | l chosen on validation |"
+        )
+    return header + "\n".join(lines) + "\n"
