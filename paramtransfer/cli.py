@@ -91,7 +91,8 @@ def parse_sets(sets: Sequence[str], method_names: Sequence[str]) -> tuple[dict, 
             ]
             if not owners:
                 raise UserError(
-                    f"--set {key}: no training field and no option of {', '.join(method_names) or 'the methods'} "
+                    f"--set {key}: no training field and no option of "
+                    f"{', '.join(method_names) or 'the methods'} "
                     f"is called {name!r}; use train.FIELD, data.FIELD or METHOD.FIELD"
                 )
             for m in owners:
@@ -113,7 +114,8 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--source",
         default="fashion[0-4]",
-        help="source: a task spec to pretrain on (cached), or a saved model directory (default: fashion[0-4])",
+        help="source: a task spec to pretrain on (cached), or a saved model directory "
+        "(default: fashion[0-4])",
     )
     p.add_argument(
         "--source-epochs", type=_positive_int, default=3, help="epochs to pretrain the source (default: 3)"
@@ -136,8 +138,8 @@ def _target_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="paramtransfer",
-        description="Parameter-based deep transfer learning: transfer a source network to a small target task "
-        "and compare strategies with the baselines.",
+        description="Parameter-based deep transfer learning: transfer a source network to a small "
+        "target task and compare strategies with the baselines.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -172,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--methods",
             default="scratch,linear_probe,finetune,finetune[freeze=all],l2sp",
-            help="comma-separated method specs (default: scratch,linear_probe,finetune,finetune[freeze=all],l2sp)",
+            help="comma-separated method specs "
+            "(default: scratch,linear_probe,finetune,finetune[freeze=all],l2sp)",
         )
         p.add_argument(
             "--lr", type=_floats, default=[0.1, 0.01, 0.001], help="learning rates (default: 0.1,0.01,0.001)"
@@ -185,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="one method, one learning rate, one seed -> OUT/result.json",
-        description="Transfer the source to the target with one method and write OUT/result.json; a run killed "
-        "part-way resumes from its checkpoint when started again with the same --out.",
+        description="Transfer the source to the target with one method and write OUT/result.json; "
+        "a run killed part-way resumes from its checkpoint when started again with the same --out.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -242,9 +245,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
         f"test accuracy {100 * info['test_accuracy']:.2f}% ({info['wall_time_s']:.0f} s to train)"
     )
     if args.out:
-        print(
-            f"saved to {save_model(model, args.out, {k: v for k, v in info.items() if k not in model.describe()})}"
-        )
+        extra = {k: v for k, v in info.items() if k not in model.describe()}
+        print(f"saved to {save_model(model, args.out, extra)}")
 
 
 def _cmd_run(args: argparse.Namespace) -> None:

@@ -67,7 +67,8 @@ def _find_idx(root: Path, stem: str) -> Path:
             return root / name
     raise UserError(
         f"Fashion-MNIST file {stem}(.gz) not found in {root}; install it with "
-        "'apt-get install dataset-fashion-mnist' or point PARAMTRANSFER_DATA at a folder holding the idx files"
+        "'apt-get install dataset-fashion-mnist' or point PARAMTRANSFER_DATA at a folder holding "
+        "the idx files"
     )
 
 

@@ -69,7 +69,8 @@ def parse_spec(spec: str) -> TaskSpec:
     m = _NAMED.match(spec)
     if not m or m.group("name") not in KNOWN_DATASETS:
         raise UserError(
-            f"unknown task spec {spec!r}; use fashion, fashion[0-4], digits, digits[0-4], folder:PATH or npz:PATH"
+            f"unknown task spec {spec!r}; use fashion, fashion[0-4], digits, digits[0-4], "
+            "folder:PATH or npz:PATH"
         )
     sel = m.group("sel")
     return TaskSpec(m.group("name"), None if sel is None else _parse_selection(sel, spec))

@@ -108,7 +108,7 @@ class Finetune(Method):
             return [options]
         if source is None:
             raise UserError("finetune[freeze=all] needs a source to know its number of blocks")
-        return [{**options, "freeze": l} for l in range(1, source.num_blocks)]
+        return [{**options, "freeze": level} for level in range(1, source.num_blocks)]
 
 
 @register_method("linear_probe")
@@ -201,11 +201,3 @@ class RandomGuess(Method):
             "test_accuracy": acc["test"],
             "diagnostics": {"expected_accuracy": 1.0 / task.num_classes},
         }
-
-
-def check_source_fits(source: LayeredNet, in_shape: tuple) -> None:
-    if tuple(source.in_shape) != tuple(in_shape):
-        raise UserError(
-            f"the source takes inputs of shape {tuple(source.in_shape)} but the target gives {tuple(in_shape)}; "
-            "load the target with in_shape=source.in_shape"
-        )
