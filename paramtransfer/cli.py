@@ -183,7 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="seeds (default: 0,1,2)")
         p.add_argument("--seed", type=int, default=None, help="a single seed (shorthand for --seeds N)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument(
+            "--config",
+            default=None,
+            metavar="FILE.yaml",
+            help="read the comparison from YAML (CompareConfig fields; OUT/config.yaml of an earlier "
+            "comparison works); flags given explicitly override it",
+        )
         _common(p, out=out)
+        p.set_defaults(_parser=p)
 
     p = sub.add_parser(
         "run",
@@ -222,7 +230,12 @@ def _resolve_source(args: argparse.Namespace, method_specs: Sequence[str]):
     if not any(METHODS.get(parse_method_spec(s)[0]).needs_source for s in method_specs):
         return None
     return resolve_source(
-        args.source, args.arch, epochs=args.source_epochs, seed=0, limit=args.source_limit, progress=True
+        args.source,
+        args.arch,
+        epochs=args.source_epochs,
+        seed=0,
+        limit=args.source_limit,
+        progress=not getattr(args, "quiet", False),
     )
 
 
@@ -285,28 +298,43 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from paramtransfer.experiments.compare import CompareConfig, compare
+    from paramtransfer.experiments.compare import CompareConfig, compare, load_compare_config
     from paramtransfer.methods.base import parse_method_spec, split_method_list
     from paramtransfer.report import comparison_table
 
-    methods = split_method_list(args.methods)
-    names = [parse_method_spec(m)[0] for m in methods]
+    flags = {
+        "arch": args.arch,
+        "source": args.source,
+        "target": args.target,
+        "shots": args.shots or None,
+        "methods": split_method_list(args.methods),
+        "lrs": args.lr,
+        "seeds": [args.seed] if args.seed is not None else args.seeds,
+        "epochs": args.epochs,
+        "source_epochs": args.source_epochs,
+        "source_limit": args.source_limit,
+    }
+    if args.config:
+        parser: argparse.ArgumentParser = args._parser
+        dests = {"lrs": "lr", "methods": "methods", "shots": "shots"}
+        explicit = {
+            k: v
+            for k, v in flags.items()
+            if getattr(args, dests.get(k, k)) != parser.get_default(dests.get(k, k))
+            or (k == "seeds" and args.seed is not None)
+        }
+        config = load_compare_config(args.config, **explicit)
+    else:
+        config = CompareConfig(**flags)
+    names = [parse_method_spec(m)[0] for m in config.methods]
     train, data, per_method = parse_sets(args.set, names)
-    config = CompareConfig(
-        arch=args.arch,
-        source=args.source,
-        target=args.target,
-        shots=args.shots or None,
-        methods=methods,
-        lrs=args.lr,
-        seeds=[args.seed] if args.seed is not None else args.seeds,
-        epochs=args.epochs,
-        source_epochs=args.source_epochs,
-        source_limit=args.source_limit,
-        train=train,
-        data=data,
-        method_options=per_method,
-    )
+    config.train = {**config.train, **train}
+    config.data = {**config.data, **data}
+    for name, opts in per_method.items():
+        config.method_options[name] = {**config.method_options.get(name, {}), **opts}
+    args.source, args.arch = config.source, config.arch
+    args.source_epochs, args.source_limit = config.source_epochs, config.source_limit
+    methods = config.methods
     source = _resolve_source(args, methods)
     summary = compare(config, args.out, source=source, progress=not args.quiet)
     print(comparison_table(summary))

@@ -19,7 +19,7 @@ from paramtransfer.experiments.run import RunResult, train_model
 from paramtransfer.methods.base import METHODS, make_config, make_method, parse_method_spec, split_method_list
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import resolve_source
-from paramtransfer.train.checkpoint import atomic_write_json
+from paramtransfer.train.checkpoint import atomic_write_bytes, atomic_write_json
 
 DEMO_METHODS = "scratch,linear_probe,finetune,finetune[freeze=all],l2sp"
 
@@ -44,12 +44,36 @@ class CompareConfig:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.methods, str):
+            self.methods = split_method_list(self.methods)
         if not self.methods:
             raise UserError("no methods to compare; give --methods, e.g. scratch,finetune")
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
             raise UserError("learning rates must be positive, e.g. --lr 0.1,0.01,0.001")
         if not self.seeds:
             raise UserError("give at least one seed, e.g. --seeds 0,1,2")
+
+
+def load_compare_config(path: str | Path, **overrides: Any) -> CompareConfig:
+    """A :class:`CompareConfig` from a YAML file (its keys are the dataclass fields), with overrides."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"cannot read {p} as YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p} must hold a mapping of CompareConfig fields")
+    return make_config(CompareConfig, {**data, **overrides}, f"config file {p}")  # type: ignore[return-value]
+
+
+def dump_compare_config(config: CompareConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
 
 
 @dataclass
@@ -199,5 +223,6 @@ def compare(
         "runs": [r.to_dict() for r in results],
     }
     atomic_write_json(root / "results.json", summary)
+    atomic_write_bytes(root / "config.yaml", dump_compare_config(config).encode())
     write_report(summary, root)
     return summary

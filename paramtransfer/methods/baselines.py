@@ -153,7 +153,6 @@ class KNN(Method):
 
     Config = KNNConfig
     trains = False
-    needs_source = False
 
     def fit_evaluate(self, source: LayeredNet | None, task: Any, seed: int) -> dict[str, Any]:
         from sklearn.neighbors import KNeighborsClassifier
