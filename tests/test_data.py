@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import paramtransfer as pt
-from paramtransfer.data import TaskSpec, fit_shape, load_task, parse_spec
-from paramtransfer.data import sources
+from paramtransfer.data import TaskSpec, fit_shape, load_task, parse_spec, sources
 from paramtransfer.errors import UserError
 
 FASHION_DIR = Path(sources.DEBIAN_FASHION_DIR)
@@ -244,16 +243,18 @@ def test_missing_fashion_dir_from_env(tmp_path: Path, monkeypatch: pytest.Monkey
     empty = tmp_path / "nothing_here"
     empty.mkdir()
     monkeypatch.setenv("PARAMTRANSFER_DATA", str(empty))
-    sources.load_fashion.cache_clear()  # load_fashion(None) may be cached from the Debian directory
+    sources.clear_cache()  # load_fashion(None) may be cached from the Debian directory
     try:
         with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
             load_task("fashion[0-4]", shots=5)
     finally:
-        sources.load_fashion.cache_clear()
+        sources.clear_cache()
 
 
 @needs_fashion
-def test_env_var_is_honoured_after_default_was_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_var_is_honoured_after_default_was_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """PARAMTRANSFER_DATA set later in the process must not be shadowed by the cached default load."""
     load_task("fashion[0-1]", shots=1)  # loads (and caches) the Debian copy
     monkeypatch.setenv("PARAMTRANSFER_DATA", str(tmp_path))
@@ -262,7 +263,7 @@ def test_env_var_is_honoured_after_default_was_loaded(tmp_path: Path, monkeypatc
             load_task("fashion[0-1]", shots=1)
     finally:
         monkeypatch.delenv("PARAMTRANSFER_DATA")
-        sources.load_fashion.cache_clear()
+        sources.clear_cache()
 
 
 def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
@@ -312,7 +313,7 @@ def test_fashion_reader_on_hand_written_idx_files(tmp_path: Path, compress: bool
         with pytest.raises(UserError, match="shots <= 2"):
             load_task("fashion[6,2]", shots=3, data_dir=str(tmp_path / "fm"))
     finally:
-        sources.load_fashion.cache_clear()
+        sources.clear_cache()
 
 
 def test_fashion_reader_rejects_non_idx_file(tmp_path: Path) -> None:
@@ -322,7 +323,7 @@ def test_fashion_reader_rejects_non_idx_file(tmp_path: Path) -> None:
         with pytest.raises(UserError, match="idx"):
             load_task("fashion", data_dir=str(tmp_path))
     finally:
-        sources.load_fashion.cache_clear()
+        sources.clear_cache()
 
 
 # ----------------------------------------------------------------------------------------------- digits
@@ -467,13 +468,18 @@ def test_npz_with_test_arrays(tmp_path: Path) -> None:
     x = rng.random((20, 1, 28, 28)).astype(np.float32)  # already in [0, 1], NCHW
     y = np.repeat([0, 1], 10)
     x_test = rng.random((4, 1, 28, 28)).astype(np.float32)
-    y_test = np.array([1, 0, 1, 2])  # label 2 only in the test set
+    y_test = np.array([1, 0, 1, 1])
     np.savez(tmp_path / "t.npz", x=x, y=y, x_test=x_test, y_test=y_test)
     task = load_task(f"npz:{tmp_path / 't.npz'}", seed=0)
-    assert task.classes == ("0", "1", "2")
-    assert task.test.y.tolist() == [1, 0, 1, 2]
+    assert task.classes == ("0", "1")
+    assert task.test.y.tolist() == [1, 0, 1, 1]
     assert torch.allclose(task.test.x, (torch.from_numpy(x_test) - 0.5) / 0.5)
     assert len(task.train) + len(task.val) == 20  # all of x is the training pool
+    assert torch.bincount(task.val.y).tolist() == [1, 1]  # round(0.1 * 10) per class
+    # a label that only the test set has cannot be learned
+    np.savez(tmp_path / "t2.npz", x=x, y=y, x_test=x_test, y_test=np.array([1, 0, 1, 2]))
+    with pytest.raises(UserError, match="'2'"):
+        load_task(f"npz:{tmp_path / 't2.npz'}", seed=0)
 
 
 def test_npz_layouts(tmp_path: Path) -> None:

@@ -72,9 +72,14 @@ def _find_idx(root: Path, stem: str) -> Path:
     )
 
 
+def load_fashion(data_dir: str | os.PathLike | None = None) -> RawData:
+    """Fashion-MNIST from ``data_dir``, $PARAMTRANSFER_DATA or Debian's path (cached per folder)."""
+    return _load_fashion_from(str(fashion_dir(data_dir).resolve()))
+
+
 @lru_cache(maxsize=2)
-def load_fashion(data_dir: str | None = None) -> RawData:
-    root = fashion_dir(data_dir)
+def _load_fashion_from(folder: str) -> RawData:
+    root = Path(folder)
     arrays = {
         stem: _read_idx(_find_idx(root, stem))
         for stem in (
@@ -184,3 +189,9 @@ def load_npz(path: str) -> RawData:
         x_test=_npz_images(raw["x_test"], p) if has_test else None,
         y_test=index(raw["y_test"]) if has_test else None,
     )
+
+
+def clear_cache() -> None:
+    """Forget the datasets read so far in this process (they are cached per folder)."""
+    _load_fashion_from.cache_clear()
+    load_digits.cache_clear()

@@ -159,8 +159,9 @@ class WrappedNet(LayeredNet):
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         captured: dict[int, torch.Tensor] = {}
+        # clone: an in-place op after a block (ReLU(inplace=True)) would otherwise overwrite its output
         handles = [
-            block.register_forward_hook(lambda _m, _i, out, i=i: captured.__setitem__(i, out))
+            block.register_forward_hook(lambda _m, _i, out, i=i: captured.__setitem__(i, out.clone()))
             for i, block in enumerate(self.blocks)
         ]
         try:
