@@ -182,9 +182,15 @@ def trainable(model: nn.Module) -> Iterator[nn.Parameter]:
 def parse_value(text: str) -> Any:
     """A config value from text: numbers, booleans, null, lists (YAML flow syntax), else a string."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -201,7 +207,7 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
         raise UserError(f"cannot read method {spec!r}; write name[key=value,...], e.g. finetune[freeze=2]")
     name, _, body = spec[:-1].partition("[")
     options: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in body.split(","))):
+    for part in split_method_list(body):
         key, eq, value = part.partition("=")
         if not eq or not key.strip():
             raise UserError(f"cannot read option {part!r} of method {spec!r}; write key=value")

@@ -51,10 +51,14 @@ class FinetuneConfig(MethodConfig):
     stochastic: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.freeze, bool) or not isinstance(self.freeze, int | str):
+            raise UserError(f"finetune freeze={self.freeze!r}: give a whole number of blocks or 'all'")
         if isinstance(self.freeze, str) and self.freeze != "all":
             raise UserError(f"finetune freeze={self.freeze!r}: give a number of blocks or 'all'")
         if isinstance(self.freeze, int) and self.freeze < 0:
             raise UserError(f"finetune freeze={self.freeze} must be >= 0")
+        if self.last_k is not None and (isinstance(self.last_k, bool) or not isinstance(self.last_k, int)):
+            raise UserError(f"finetune last_k={self.last_k!r}: give a whole number of blocks")
         if self.last_k is not None and self.last_k < 0:
             raise UserError(f"finetune last_k={self.last_k} must be >= 0")
         chosen = (self.freeze != 0) + (self.last_k is not None) + bool(self.stochastic)
@@ -124,9 +128,13 @@ class LinearProbe(Method):
 
 
 def _embed(model: LayeredNet, x: torch.Tensor, batch: int = 1024) -> np.ndarray:
+    was_training = model.training
     model.eval()
-    with torch.no_grad():
-        return torch.cat([model.embed(x[i : i + batch]) for i in range(0, len(x), batch)]).numpy()
+    try:
+        with torch.no_grad():
+            return torch.cat([model.embed(x[i : i + batch]) for i in range(0, len(x), batch)]).numpy()
+    finally:
+        model.train(was_training)
 
 
 @dataclass

@@ -89,6 +89,8 @@ class KnowDistConfig(MethodConfig):
             self.layers = [self.layers]
         if isinstance(self.layers, str) and self.layers != "all":
             raise UserError(f"knowdist layers={self.layers!r}: give a list of block indices or 'all'")
+        if not self.layers:
+            raise UserError("knowdist layers=[] compares nothing; give block indices (or use finetune)")
 
 
 class WithFrozenSource(nn.Module):
@@ -117,7 +119,8 @@ class KnowDist(Method):
 
     The target starts from the source weights; ``beta * 1/n sum_j sum_i ||F_j(w, x_i) - F_j(w_s, x_i)||^2``
     over the outputs ``F_j`` of the chosen blocks is added to the task loss. The source copy is frozen
-    (weights and BatchNorm statistics).
+    (weights and BatchNorm statistics): like a teacher, it runs in eval mode, so with BatchNorm the
+    distance is not exactly zero at the start of training (the target normalises with batch statistics).
     """
 
     Config = KnowDistConfig

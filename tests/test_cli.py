@@ -1,0 +1,337 @@
+"""The ``paramtransfer`` command: a real kill-and-resume, an end-to-end comparison with its report, and
+bad input ending with one error line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from paramtransfer.cli import main
+from paramtransfer.data import sources
+from paramtransfer.models.store import save_model
+from paramtransfer.report import load_results
+from paramtransfer.train.checkpoint import load_checkpoint
+
+CLI = [sys.executable, "-m", "paramtransfer.cli"]
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    home = tmp_path / "pt_home"
+    home.mkdir(exist_ok=True)
+    return {**os.environ, "PARAMTRANSFER_HOME": str(home), **extra}
+
+
+def _comparable(result: dict) -> dict:
+    """A result without what legitimately differs between an interrupted and an uninterrupted run."""
+    out = {k: v for k, v in result.items() if k != "wall_time_s"}
+    out["history"] = [{k: v for k, v in r.items() if k != "time_s"} for r in result["history"]]
+    out["diagnostics"] = {k: v for k, v in result["diagnostics"].items() if k != "resumed_from_epoch"}
+    return out
+
+
+# ---- a real kill -9 and restart ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    def cmd(out: Path) -> list[str]:
+        return [
+            *CLI,
+            "run",
+            "--method",
+            "scratch",
+            "--arch",
+            "lenet",
+            "--target",
+            "fashion[5-9]",
+            "--shots",
+            "5",
+            "--epochs",
+            "8",
+            "--set",
+            "data.test_limit=50",
+            "--set",
+            "train.patience=null",
+            "--set",
+            "train.batch_size=8",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+
+    env = _env(tmp_path)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    ref = subprocess.Popen(cmd(clean), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed / "checkpoint.pt").exists():
+            assert victim.poll() is None, "the run ended before it wrote a checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint.pt after 120 s"
+            time.sleep(0.005)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (killed / "result.json").exists(), "killed too late: the run had already finished"
+    state = load_checkpoint(killed / "checkpoint.pt")
+    assert state is not None and state["epoch"] < 7
+    done_epochs = state["epoch"] + 1
+
+    again = subprocess.run(cmd(killed), env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    ref_out, ref_err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, ref_err
+
+    resumed = json.loads((killed / "result.json").read_text())
+    uninterrupted = json.loads((clean / "result.json").read_text())
+    assert resumed["diagnostics"]["resumed_from_epoch"] == done_epochs
+    assert uninterrupted["diagnostics"]["resumed_from_epoch"] is None
+    assert len(resumed["history"]) == 8
+    assert resumed["status"] == "ok"
+    assert _comparable(resumed) == _comparable(uninterrupted)
+    assert not (killed / "checkpoint.pt").exists()
+    assert "wrote" in again.stdout and "val" in again.stdout
+
+
+# ---- end to end: compare, then report ------------------------------------------------------------
+
+VARIANTS = {"scratch", "finetune", "finetune[freeze=1]", "finetune[freeze=2]", "finetune[freeze=3]"}
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_and_report_rebuilds_the_table(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(
+        [
+            "compare",
+            "--arch",
+            "lenet",
+            "--source",
+            "fashion[0-4]",
+            "--source-limit",
+            "300",
+            "--source-epochs",
+            "1",
+            "--target",
+            "fashion[5-9]",
+            "--methods",
+            "scratch,finetune,finetune[freeze=all],knn,random_guess",
+            "--lr",
+            "0.1,0.01",
+            "--seeds",
+            "0,1",
+            "--shots",
+            "3",
+            "--epochs",
+            "2",
+            "--set",
+            "data.test_limit=50",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    summary = json.loads((out / "results.json").read_text())
+
+    runs = summary["runs"]
+    # 5 trained variants x 2 lrs x 2 seeds + (knn, random_guess) x 2 seeds
+    assert len(runs) == len(VARIANTS) * 2 * 2 + 2 * 2
+    assert {r["method"] for r in runs} == VARIANTS | {"knn", "random_guess"}
+    for r in runs:
+        assert "lr" in r["config"]
+        assert r["status"] == "ok"
+        assert r["target"] == "fashion[5-9]" and r["arch"] == "lenet"
+        if r["method"] in VARIANTS:
+            assert r["config"]["lr"] in (0.1, 0.01)
+            assert len(r["history"]) == 2
+            assert 0.0 <= r["val_accuracy"] <= 1.0 and 0.0 <= r["test_accuracy"] <= 1.0
+        else:
+            assert r["config"]["lr"] is None
+    grid = {(r["method"], r["config"]["lr"], r["seed"]) for r in runs}
+    assert len(grid) == len(runs), "every (variant, lr, seed) ran exactly once"
+    for r in runs:
+        if r["method"].startswith("finetune"):
+            level = int(r["method"][len("finetune[freeze=") : -1]) if "[" in r["method"] else 0
+            assert r["diagnostics"]["frozen_blocks"] == list(range(level))
+
+    selected = summary["selected"]
+    assert set(selected) == VARIANTS | {"knn", "random_guess"}
+    for variant in VARIANTS:
+        by_lr: dict[float, list[dict]] = {}
+        for r in runs:
+            if r["method"] == variant:
+                by_lr.setdefault(r["config"]["lr"], []).append(r)
+        means = {lr: statistics.fmean(r["val_accuracy"] for r in rs) for lr, rs in by_lr.items()}
+        entry = selected[variant]
+        assert entry["status"] == "ok"
+        assert entry["lr"] in means
+        assert means[entry["lr"]] == pytest.approx(max(means.values()))
+        assert entry["val_mean"] == pytest.approx(means[entry["lr"]])
+        chosen = sorted(by_lr[entry["lr"]], key=lambda r: r["seed"])
+        assert entry["test_by_seed"] == [r["test_accuracy"] for r in chosen]
+        assert entry["test_mean"] == pytest.approx(statistics.fmean(entry["test_by_seed"]))
+    for variant in ("knn", "random_guess"):
+        assert selected[variant]["lr"] is None
+        assert selected[variant]["n_seeds"] == 2
+
+    table = (out / "table.md").read_text()
+    assert table in printed.out
+    for name in ("scratch (NoTL)", "fine-tune (FT-0)", "FT-1", "FT-2", "FT-3", "K-NN", "random guess"):
+        assert f"| {name} |" in table
+    assert "best FT-l" in table
+    for png in ("ft_layers.png", "learning_curves.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+    # report from results.json, into another directory
+    rebuilt = tmp_path / "rebuilt"
+    assert main(["report", str(out), "--out", str(rebuilt)]) == 0
+    printed = capsys.readouterr()
+    assert (rebuilt / "table.md").read_text() == table
+    assert table in printed.out
+    assert (rebuilt / "ft_layers.png").is_file() and (rebuilt / "learning_curves.png").is_file()
+
+    # report from the per-run result.json files alone (results.json lost): the same choices
+    runs_only = tmp_path / "runs_only"
+    shutil.copytree(out / "runs", runs_only / "runs")
+    assert main(["report", str(runs_only)]) == 0
+    capsys.readouterr()
+    again = load_results(runs_only)["selected"]
+    assert {v: e["lr"] for v, e in again.items()} == {v: e["lr"] for v, e in selected.items()}
+
+    def rows(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("| ")]
+
+    assert rows((runs_only / "table.md").read_text()) == rows(table)
+
+
+# ---- bad input: one line on stderr, exit code 2 --------------------------------------------------
+
+
+@pytest.fixture
+def saved_lenet(tmp_path_factory, tiny_source) -> Path:
+    return save_model(tiny_source, tmp_path_factory.mktemp("saved") / "lenet_src")
+
+
+def _clear_fashion_cache() -> None:
+    clear = getattr(sources, "clear_cache", None)
+    if clear is not None:
+        clear()
+    else:
+        sources.load_fashion.cache_clear()
+
+
+@pytest.fixture
+def no_fashion_cache():
+    _clear_fashion_cache()  # an earlier test may have cached the real files in this process
+    yield
+    _clear_fashion_cache()
+
+
+RUN = ["run", "--target", "fashion[5-9]", "--shots", "2", "--epochs", "1"]
+
+
+def _error_cases(saved: Path) -> list[tuple[list[str], str]]:
+    """(argv, a text the message must contain)."""
+    return [
+        (["run", "--method", "nosuch_method"], "nosuch_method"),
+        (
+            ["run", "--method", "scratch", "--arch", "nosuch_arch", "--shots", "2", "--epochs", "1"],
+            "nosuch_arch",
+        ),
+        (["run", "--method", "scratch", "--target", "fashion[8-12]", "--shots", "2"], "fashion"),
+        (["run", "--method", "scratch", "--target", "folder:/nonexistent", "--shots", "2"], "/nonexistent"),
+        (["run", "--method", "scratch", "--target", "fashion[5-9]", "--shots", "-1"], "shots"),
+        (["run", "--method", "scratch", "--target", "digits", "--shots", "1000"], "shots"),
+        ([*RUN, "--method", "scratch", "--set", "foo"], "foo"),
+        ([*RUN, "--method", "scratch", "--set", "train.no_such_field=1"], "no_such_field"),
+        ([*RUN, "--method", "scratch", "--set", "no_such_option=1"], "no_such_option"),
+        ([*RUN, "--method", "finetune[freeze=9]", "--source", str(saved), "--arch", "lenet"], "freeze=9"),
+        ([*RUN, "--method", "finetune", "--source", str(saved), "--arch", "resnet20"], "resnet20"),
+        ([*RUN, "--method", "scratch", "--set", "train.momentum=-1"], "momentum"),
+    ]
+
+
+_CASE_IDS = [
+    "unknown-method",
+    "unknown-arch",
+    "class-range-outside-dataset",
+    "missing-folder",
+    "negative-shots",
+    "too-many-shots",
+    "malformed-set",
+    "set-unknown-train-field",
+    "set-unknown-key",
+    "freeze-more-blocks-than-source",
+    "saved-source-arch-mismatch",
+    "invalid-momentum",
+]
+
+
+@pytest.mark.parametrize("case", range(len(_CASE_IDS)), ids=_CASE_IDS)
+def test_bad_input_gives_one_error_line_and_exit_2(case, saved_lenet, tmp_path, capsys):
+    argv, needle = _error_cases(saved_lenet)[case]
+    out = tmp_path / "out"
+    code = main([*argv, "--out", str(out)])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, captured.err
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("paramtransfer: error: ")
+    assert needle in lines[0]
+    assert "Traceback" not in captured.err + captured.out
+    assert not (out / "result.json").exists()
+
+
+def test_missing_fashion_data_in_process(tmp_path, monkeypatch, capsys, no_fashion_cache):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PARAMTRANSFER_DATA", str(empty))
+    code = main([*RUN, "--method", "scratch", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("paramtransfer: error: ")
+    assert str(empty) in lines[0] and "PARAMTRANSFER_DATA" in lines[0]
+
+
+def test_errors_in_a_real_process_exit_2_without_traceback(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["run", "--method", "nosuch_method"], {}),
+        ([*RUN, "--method", "scratch", "--set", "foo"], {}),
+        ([*RUN, "--method", "scratch"], {"PARAMTRANSFER_DATA": str(empty)}),
+    ]
+    procs = [
+        subprocess.Popen(
+            [*CLI, *argv, "--quiet", "--out", str(tmp_path / f"out{i}")],
+            env=_env(tmp_path, **extra),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, (argv, extra) in enumerate(cases)
+    ]
+    for (argv, _), p in zip(cases, procs, strict=True):
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 2, (argv, stderr)
+        assert "Traceback" not in stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("paramtransfer: error: "), (argv, stderr)
+        assert stdout == ""
