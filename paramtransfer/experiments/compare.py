@@ -120,6 +120,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _best_val_loss(r: RunResult) -> float:
+    if r.best_epoch is None or not r.history:
+        return 0.0
+    return float(r.history[r.best_epoch - 1].get("val_loss", 0.0))
+
+
 def select(runs: list[RunResult]) -> dict[str, dict[str, Any]]:
     """Per method variant: the learning rate with the best mean validation accuracy, and its test scores."""
     by_variant: dict[str, dict[Any, list[RunResult]]] = {}
@@ -127,13 +133,14 @@ def select(runs: list[RunResult]) -> dict[str, dict[str, Any]]:
         by_variant.setdefault(r.method, {}).setdefault(r.config.get("lr"), []).append(r)
     out: dict[str, dict[str, Any]] = {}
     for variant, by_lr in by_variant.items():
-        per_lr, diverged = {}, {}
+        per_lr, val_loss, diverged = {}, {}, {}
         for lr, rs in by_lr.items():
             bad = [r for r in rs if r.status != "ok"]
             if bad:
                 diverged[str(lr)] = f"{len(bad)}/{len(rs)}"
                 continue
             per_lr[lr] = _mean_std([r.val_accuracy for r in rs])[0]
+            val_loss[lr] = _mean_std([_best_val_loss(r) for r in rs])[0]
         entry: dict[str, Any] = {
             "val_by_lr": {str(k): v for k, v in per_lr.items()},
             "diverged_lrs": diverged,
@@ -141,7 +148,9 @@ def select(runs: list[RunResult]) -> dict[str, dict[str, Any]]:
             "status": "diverged" if not per_lr else "ok",
         }
         if per_lr:
-            best_lr = max(per_lr, key=lambda lr: per_lr[lr])
+            # ties (common on small validation sets) go to the lower validation loss, then the larger
+            # learning rate, so the choice never depends on the order in which runs are listed
+            best_lr = max(per_lr, key=lambda lr: (per_lr[lr], -val_loss[lr], lr if lr is not None else 0.0))
             chosen = sorted(by_lr[best_lr], key=lambda r: r.seed)
             val_m, val_s = _mean_std([r.val_accuracy for r in chosen])
             test_m, test_s = _mean_std([r.test_accuracy for r in chosen])

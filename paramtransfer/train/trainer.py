@@ -60,6 +60,28 @@ class TrainConfig:
     eval_batch_size: int = 1000
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "step_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{name} must be a whole number (got {value!r})")
+        if self.patience is not None and (
+            isinstance(self.patience, bool) or not isinstance(self.patience, int)
+        ):
+            raise UserError(f"patience must be a whole number or null (got {self.patience!r})")
+        for name in ("lr", "momentum", "weight_decay", "step_gamma", "min_last_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise UserError(f"{name} must be a number (got {value!r})")
+        if self.grad_clip is not None and not (
+            isinstance(self.grad_clip, int | float) and self.grad_clip > 0
+        ):
+            raise UserError(f"grad_clip must be a positive number or null (got {self.grad_clip!r})")
+        if self.momentum < 0 or self.weight_decay < 0 or self.step_gamma < 0 or self.step_every < 0:
+            raise UserError("momentum, weight_decay, step_gamma and step_every must be >= 0")
+        if not 0 <= self.min_last_batch <= 1:
+            raise UserError(f"min_last_batch must lie in [0, 1] (got {self.min_last_batch})")
+        if self.eval_batch_size < 1:
+            raise UserError(f"eval_batch_size must be at least 1 (got {self.eval_batch_size})")
         if self.epochs < 1:
             raise UserError(f"epochs must be at least 1 (got {self.epochs})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -200,6 +222,9 @@ def fit(
         out.best_epoch = state["best_epoch"]
         bad_epochs, start_epoch, step = state["bad_epochs"], state["epoch"] + 1, state["step"]
         out.resumed_from_epoch = start_epoch
+        if state.get("stopped"):  # killed after early stopping but before the result was written
+            out.stopped_early = True
+            start_epoch = config.epochs
 
     epochs = range(start_epoch, config.epochs)
     bar = None
@@ -279,6 +304,7 @@ def fit(
                     "best_key": list(best_key),
                     "best_epoch": out.best_epoch,
                     "bad_epochs": bad_epochs,
+                    "stopped": stop,
                 },
             )
         if bar is not None:
