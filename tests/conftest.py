@@ -39,3 +39,26 @@ def tiny_source() -> pt.LayeredNet:
 def tiny_resnet_source() -> pt.LayeredNet:
     """A narrow ResNet-20 as a source, to exercise BatchNorm."""
     return pt.build_model("resnet20", num_classes=5, seed=123, width=4)
+
+
+class _UserNet(torch.nn.Module):
+    """A model written without paramtransfer in mind (in-place ReLU after a block, BatchNorm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 4, 5)
+        self.act = torch.nn.ReLU(inplace=True)
+        self.conv2 = torch.nn.Sequential(
+            torch.nn.Conv2d(4, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten()
+        )
+        self.classifier = torch.nn.Sequential(torch.nn.Dropout(0.0), torch.nn.Linear(8 * 11 * 11, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.conv2(self.act(self.conv1(x))))
+
+
+@pytest.fixture(scope="session")
+def tiny_wrapped_source() -> pt.LayeredNet:
+    """A user's model seen as a LayeredNet through LayeredNet.wrap (hooks, no rewriting)."""
+    torch.manual_seed(5)
+    return pt.LayeredNet.wrap(_UserNet(), blocks=["conv1", "conv2"], head="classifier.1")

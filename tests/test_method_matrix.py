@@ -21,7 +21,7 @@ import paramtransfer as pt
 from paramtransfer.methods.base import METHODS, Method, make_method
 from paramtransfer.train.trainer import TrainConfig, fit
 
-ARCHS = ["tiny_source", "tiny_resnet_source"]
+ARCHS = ["tiny_source", "tiny_resnet_source", "tiny_wrapped_source"]
 DESIGN_KEYS = {
     "method",
     "source",
@@ -38,11 +38,12 @@ DESIGN_KEYS = {
 
 # What the known methods hand to the optimizer, by parameter name; a method missing here still gets
 # every generic check below.
+# The head of a wrapped model lives under its own name (here module.classifier.1).
 EXPECTED_TRAINABLE: dict[str, Callable[[str], bool]] = {
     "scratch": lambda name: True,
     "finetune": lambda name: True,
     "l2sp": lambda name: True,
-    "linear_probe": lambda name: name.startswith("head."),
+    "linear_probe": lambda name: name.startswith(("head.", "module.classifier.1.")),
     "knowdist": lambda name: name.startswith("target."),
 }
 
