@@ -109,7 +109,9 @@ def _common(p: argparse.ArgumentParser, *, out: str) -> None:
 
 def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--arch", default="lenet", help="architecture: lenet, resnet20, mobilenet, rnn (default: lenet)"
+        "--arch",
+        default=None,
+        help="architecture: lenet, resnet20, mobilenet, rnn (default: a saved source's own, else lenet)",
     )
     p.add_argument(
         "--source",
@@ -223,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _effective_arch(source: str, arch: str | None) -> str:
+    """``--arch`` if given, else the architecture of a saved source, else lenet."""
+    from paramtransfer.models.store import saved_arch
+
+    return arch or saved_arch(source) or "lenet"
+
+
 def _resolve_source(args: argparse.Namespace, method_specs: Sequence[str]):
     from paramtransfer.methods.base import METHODS, parse_method_spec
     from paramtransfer.models.store import resolve_source
@@ -242,6 +251,7 @@ def _resolve_source(args: argparse.Namespace, method_specs: Sequence[str]):
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from paramtransfer.models.store import pretrain, save_model
 
+    args.arch = args.arch or "lenet"
     model = pretrain(
         args.arch,
         args.source,
@@ -266,6 +276,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from paramtransfer.experiments.run import train_model
     from paramtransfer.methods.base import parse_method_spec
 
+    args.arch = _effective_arch(args.source, args.arch)
     name = parse_method_spec(args.method)[0]
     train, data, per_method = parse_sets(args.set, [name])
     source = _resolve_source(args, [args.method])
@@ -300,6 +311,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 def _cmd_compare(args: argparse.Namespace) -> None:
     from paramtransfer.experiments.compare import CompareConfig, compare, load_compare_config
     from paramtransfer.methods.base import parse_method_spec, split_method_list
+    from paramtransfer.models.store import saved_arch
     from paramtransfer.report import comparison_table
 
     flags = {
@@ -314,6 +326,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         "source_epochs": args.source_epochs,
         "source_limit": args.source_limit,
     }
+    if args.arch is None:
+        del flags["arch"]
     if args.config:
         parser: argparse.ArgumentParser = args._parser
         dests = {"lrs": "lr", "methods": "methods", "shots": "shots"}
@@ -326,6 +340,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         config = load_compare_config(args.config, **explicit)
     else:
         config = CompareConfig(**flags)
+    if args.arch is None and saved_arch(config.source) is not None:
+        config.arch = saved_arch(config.source)  # a saved source brings its own architecture
     names = [parse_method_spec(m)[0] for m in config.methods]
     train, data, per_method = parse_sets(args.set, names)
     config.train = {**config.train, **train}

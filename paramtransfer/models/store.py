@@ -61,6 +61,16 @@ def load_model(path: str | os.PathLike) -> LayeredNet:
     return model
 
 
+def saved_arch(path: str | os.PathLike) -> str | None:
+    """The architecture recorded beside a saved model, or None if ``path`` is not a saved model."""
+    p = Path(path).expanduser()
+    d = p.parent if p.suffix == ".safetensors" else p
+    try:
+        return json.loads((d / META).read_text())["arch"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def source_key(arch: str, spec: str, **settings: Any) -> str:
     readable = re.sub(r"[^A-Za-z0-9]+", "-", f"{arch}-{spec}").strip("-")
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
