@@ -348,11 +348,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     config.data = {**config.data, **data}
     for name, opts in per_method.items():
         config.method_options[name] = {**config.method_options.get(name, {}), **opts}
-    args.source, args.arch = config.source, config.arch
-    args.source_epochs, args.source_limit = config.source_epochs, config.source_limit
-    methods = config.methods
-    source = _resolve_source(args, methods)
-    summary = compare(config, args.out, source=source, progress=not args.quiet)
+    summary = compare(config, args.out, progress=not args.quiet)
     print(comparison_table(summary))
     print(f"wrote {args.out}/results.json, table.md and plots")
 
