@@ -36,6 +36,12 @@ def tiny_source() -> pt.LayeredNet:
 
 
 @pytest.fixture(scope="session")
+def tiny_rnn_source() -> pt.LayeredNet:
+    """A small recurrent source (GRU over image rows)."""
+    return pt.build_model("rnn", num_classes=5, seed=123, hidden=8)
+
+
+@pytest.fixture(scope="session")
 def tiny_resnet_source() -> pt.LayeredNet:
     """A narrow ResNet-20 as a source, to exercise BatchNorm."""
     return pt.build_model("resnet20", num_classes=5, seed=123, width=4)

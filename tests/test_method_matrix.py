@@ -21,7 +21,7 @@ import paramtransfer as pt
 from paramtransfer.methods.base import METHODS, Method, make_method
 from paramtransfer.train.trainer import TrainConfig, fit
 
-ARCHS = ["tiny_source", "tiny_resnet_source", "tiny_wrapped_source"]
+ARCHS = ["tiny_source", "tiny_resnet_source", "tiny_wrapped_source", "tiny_rnn_source"]
 DESIGN_KEYS = {
     "method",
     "source",
@@ -45,6 +45,8 @@ EXPECTED_TRAINABLE: dict[str, Callable[[str], bool]] = {
     "l2sp": lambda name: True,
     "linear_probe": lambda name: name.startswith(("head.", "module.classifier.1.")),
     "knowdist": lambda name: name.startswith("target."),
+    "ptu": lambda name: name.startswith(("target.", "units.")),
+    "ptu_rnn": lambda name: name.startswith(("target.", "units.")),
 }
 
 TRAINING = [n for n in METHODS.names() if METHODS.get(n).trains]

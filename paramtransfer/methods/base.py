@@ -57,6 +57,7 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     trains: ClassVar[bool] = True
     needs_source: ClassVar[bool] = True
+    supported_archs: ClassVar[tuple[str, ...] | None] = None  # None: any LayeredNet
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()

@@ -333,6 +333,8 @@ class PTUMethod(_PTUMethodBase):
     """PTU-CNN: a frozen source, a freshly initialised target of the same architecture, and a PTU after
     each chosen block (conv PTUs after conv blocks, linear PTUs after fully connected ones)."""
 
+    supported_archs = ("lenet", "resnet20", "mobilenet")
+
     def build(
         self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int
     ) -> nn.Module:
@@ -365,6 +367,8 @@ class PTUMethod(_PTUMethodBase):
 @register_method("ptu_rnn")
 class PTURNNMethod(_PTUMethodBase):
     """PTU-RNN: source and target RNN cells over the rows of an image, one shared PTU per step."""
+
+    supported_archs = ("rnn",)
 
     def build(
         self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int

@@ -1,0 +1,255 @@
+"""PTU (Zhang, Zhang & Yang 2019): Eq. 2 by hand, the degenerate gates the paper states, frozen
+source, gradients, PTU-RNN, diagnostics and the regularisers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import paramtransfer as pt
+from paramtransfer.errors import UserError
+from paramtransfer.methods.base import make_method
+from paramtransfer.methods.ptu import PTU, SeparableConv2d, group_lasso
+from paramtransfer.train.trainer import TrainConfig, fit
+
+
+def _sigmoid(v: float) -> float:
+    return 1.0 / (1.0 + math.exp(-v))
+
+
+def _build(spec: str, source: pt.LayeredNet, num_classes: int = 5, seed: int = 0, **options):
+    method = make_method(spec, **options)
+    model = method.build(source, num_classes, arch=source.arch, in_shape=source.in_shape, seed=seed)
+    return method, model
+
+
+def _force_gates(model: torch.nn.Module, r: float | None, z: float | None) -> None:
+    """Zero the gate weights and set the biases so that sigmoid gives exactly 0 or 1."""
+    with torch.no_grad():
+        for unit in model.units.values():
+            for gate, value in ((unit.gate_r, r), (unit.gate_z, z)):
+                if value is None:
+                    continue
+                for name, p in gate.named_parameters():
+                    p.zero_()
+                    if name.endswith("bias"):
+                        p.fill_(1e4 if value == 1 else -1e4)
+
+
+def test_eq2_linear_against_hand_computation() -> None:
+    u = PTU(2, kind="linear", activation="tanh")
+    with torch.no_grad():
+        u.gate_r.weight.copy_(torch.tensor([[0.1, 0.0, 0.2, 0.0], [0.0, -0.3, 0.0, 0.1]]))
+        u.gate_r.bias.copy_(torch.tensor([0.0, 0.5]))
+        u.gate_z.weight.copy_(torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, -1.0, 1.0]]))
+        u.gate_z.bias.copy_(torch.tensor([-0.2, 0.0]))
+        u.adapt.weight.copy_(torch.tensor([[1.0, 2.0], [0.0, -1.0]]))
+        u.adapt.bias.copy_(torch.tensor([0.1, 0.0]))
+    hs, ht = [1.0, 2.0], [3.0, -1.0]
+    # Eq. 1 written out element by element
+    r = [_sigmoid(0.1 * 1 + 0.2 * 3), _sigmoid(-0.3 * 2 + 0.1 * -1 + 0.5)]
+    z = [_sigmoid(0.5 * 1 + 0.5 * 2 - 0.2), _sigmoid(-1.0 * 3 + 1.0 * -1)]
+    a = [math.tanh(1 * 1 + 2 * 2 + 0.1), math.tanh(-1 * 2)]
+    hf = [(1 - r[i]) * hs[i] + r[i] * a[i] for i in range(2)]
+    expected = [(1 - z[i]) * ht[i] + z[i] * hf[i] for i in range(2)]
+    out = u(torch.tensor([hs]), torch.tensor([ht]))
+    torch.testing.assert_close(out, torch.tensor([expected]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(u.last_r, torch.tensor([r]))
+    torch.testing.assert_close(u.last_z, torch.tensor([z]))
+
+
+@pytest.mark.parametrize("separable", [True, False])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_eq2_conv_matches_the_formula_with_its_own_convolutions(separable: bool, activation: str) -> None:
+    torch.manual_seed(0)
+    u = PTU(3, kind="conv", activation=activation, separable=separable, gate_bias_r=0.3, gate_bias_z=-0.4)
+    hs, ht = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5)
+    x = torch.cat([hs, ht], 1)
+    r = torch.sigmoid(u.gate_r(x))  # W^r [h^S, h^T] by the unit's own (unfused) modules
+    z = torch.sigmoid(u.gate_z(x))
+    phi = torch.tanh if activation == "tanh" else torch.relu
+    hf = (1 - r) * hs + r * phi(u.adapt(hs))
+    expected = (1 - z) * ht + z * hf
+    torch.testing.assert_close(u(hs, ht), expected, rtol=1e-5, atol=1e-6)
+    assert isinstance(u.gate_r, SeparableConv2d) == separable
+
+
+def test_contract_shapes_of_linear_gates() -> None:
+    u = PTU(7)
+    assert (u.gate_r.in_features, u.gate_r.out_features) == (14, 7)
+    assert (u.gate_z.in_features, u.gate_z.out_features) == (14, 7)
+    assert (u.adapt.in_features, u.adapt.out_features) == (7, 7)
+
+
+def test_gate_bias_initialisation() -> None:
+    u = PTU(4, gate_bias_r=-2.0, gate_bias_z=1.5)
+    u(torch.zeros(3, 4), torch.zeros(3, 4))
+    assert torch.allclose(u.last_r, torch.full((3, 4), _sigmoid(-2.0)))
+    assert torch.allclose(u.last_z, torch.full((3, 4), _sigmoid(1.5)))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_source", "tiny_resnet_source"])
+def test_z_zero_gives_the_target_network_alone(fixture: str, request: pytest.FixtureRequest) -> None:
+    source = request.getfixturevalue(fixture)
+    _, model = _build("ptu", source)
+    _force_gates(model, r=None, z=0)
+    model.eval()
+    x = torch.randn(4, *source.in_shape)
+    assert torch.equal(model(x), model.target(x))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_source", "tiny_resnet_source"])
+def test_z_one_r_zero_passes_the_source_activations_through(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    source = request.getfixturevalue(fixture)
+    _, model = _build("ptu", source)
+    _force_gates(model, r=0, z=1)
+    model.eval()
+    x = torch.randn(4, *source.in_shape)
+    src_last = model.source.features(x)[-1]
+    assert torch.equal(model(x), model.target.head(model.target.neck(src_last)))
+    unit = PTU(3)
+    with torch.no_grad():
+        for gate, bias in ((unit.gate_r, -1e4), (unit.gate_z, 1e4)):
+            gate.weight.zero_()
+            gate.bias.fill_(bias)
+    hs, ht = torch.randn(2, 3), torch.randn(2, 3)
+    assert torch.equal(unit(hs, ht), hs)
+
+
+def test_target_is_fresh_and_source_is_a_frozen_copy(tiny_resnet_source: pt.LayeredNet) -> None:
+    _, model = _build("ptu", tiny_resnet_source)
+    src_w = tiny_resnet_source.blocks[0][0].weight
+    assert torch.equal(model.source.blocks[0][0].weight, src_w)
+    assert model.source.blocks[0][0].weight.data_ptr() != src_w.data_ptr()
+    assert not torch.equal(model.target.blocks[0][0].weight, src_w)
+    assert not any(p.requires_grad for p in model.source.parameters())
+
+
+def test_training_never_moves_the_source(tiny_resnet_source: pt.LayeredNet, tiny_task: pt.Task) -> None:
+    method, model = _build("ptu", tiny_resnet_source)
+    before = {k: v.clone() for k, v in model.source.state_dict().items()}
+    target_before = {k: v.clone() for k, v in model.target.state_dict().items()}
+    fit(model, method, tiny_task, TrainConfig(epochs=2, batch_size=8, lr=0.1, patience=None))
+    after = model.source.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "source weights or BN statistics moved"
+    assert any(not torch.equal(target_before[k], v) for k, v in model.target.state_dict().items())
+
+
+@pytest.mark.parametrize("fixture", ["tiny_source", "tiny_resnet_source"])
+def test_gradients_reach_every_target_and_ptu_parameter(fixture: str, request: pytest.FixtureRequest) -> None:
+    source = request.getfixturevalue(fixture)
+    method, model = _build("ptu", source)
+    model.train()
+    x, y = torch.randn(6, *source.in_shape), torch.arange(6) % 5
+    method.backward(method.loss_terms(model, x, y), model)
+    for name, p in [*model.target.named_parameters(), *model.units.named_parameters()]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+    assert all(p.grad is None for p in model.source.parameters())
+
+
+def test_ptu_parameters_get_the_learning_rate_multiplier(tiny_source: pt.LayeredNet) -> None:
+    method, model = _build("ptu", tiny_source, lr_mult=7.0)
+    groups = method.param_groups(model)
+    ids = {id(p) for p in model.units.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == ids and groups[1]["lr_mult"] == 7.0
+    assert not ids & {id(p) for p in groups[0]["params"]}
+
+
+def test_units_follow_the_block_kinds_and_chosen_layers(tiny_source: pt.LayeredNet) -> None:
+    _, model = _build("ptu", tiny_source)
+    kinds = [model.units[str(i)].kind for i in range(tiny_source.num_blocks)]
+    assert kinds == ["conv", "conv", "linear", "linear"]
+    _, model = _build("ptu[layers=[1,-1]]", tiny_source)
+    assert model.layers == [1, 3]
+    with pytest.raises(UserError, match="outside"):
+        _build("ptu[layers=[4]]", tiny_source)
+
+
+def test_bad_sources_are_refused(
+    tiny_rnn_source: pt.LayeredNet, tiny_source: pt.LayeredNet, tiny_wrapped_source: pt.LayeredNet
+) -> None:
+    with pytest.raises(UserError, match="ptu_rnn"):
+        _build("ptu", tiny_rnn_source)
+    with pytest.raises(UserError, match="rnn source"):
+        _build("ptu_rnn", tiny_source)
+    with pytest.raises(UserError, match="zoo architecture"):
+        _build("ptu", tiny_wrapped_source)
+    with pytest.raises(UserError):
+        make_method("ptu[activation=sigmoid]")
+
+
+def test_ptu_rnn_degenerate_gates(tiny_rnn_source: pt.LayeredNet) -> None:
+    x = torch.randn(3, 1, 28, 28)
+    _, model = _build("ptu_rnn", tiny_rnn_source)
+    model.eval()
+    _force_gates(model, r=None, z=0)  # the target RNN alone, stepped cell by cell
+    torch.testing.assert_close(model(x), model.target(x), rtol=1e-5, atol=1e-6)
+    _force_gates(model, r=0, z=1)  # every step copies the source hidden state
+    torch.testing.assert_close(model(x), model.target.head(model.source.blocks[0](x)), rtol=1e-5, atol=1e-6)
+
+
+def test_ptu_rnn_shares_one_unit_across_steps_and_learns(tiny_rnn_source: pt.LayeredNet) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(40, 1, 28, 28)
+    y = (x[:, 0, :, :14].mean(dim=(1, 2)) > x[:, 0, :, 14:].mean(dim=(1, 2))).long()  # a toy sequence task
+    method, model = _build("ptu_rnn", tiny_rnn_source, num_classes=2)
+    assert len(model.units) == 1
+    opt = torch.optim.Adam([p for g in method.param_groups(model) for p in g["params"]], lr=0.01)
+    first = None
+    for _ in range(60):
+        loss = method.loss_terms(model, x, y)["task"]
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.5 * first
+
+
+def test_diagnostics_report_gate_means_per_layer_and_channel(
+    tiny_source: pt.LayeredNet, tiny_task: pt.Task
+) -> None:
+    res = pt.run("ptu", source=tiny_source, target=tiny_task, lr=0.05, epochs=1, seed=0)
+    gates = res.diagnostics["gates"]
+    assert gates["layers"] == [0, 1, 2, 3]
+    channels = [4, 8, 16, 8]  # lenet width=4, hidden=16
+    assert [len(c) for c in gates["r_per_channel"]] == channels
+    for g in ("r", "z"):
+        assert all(0 < v < 1 for v in gates[g])
+        for mean, per in zip(gates[g], gates[f"{g}_per_channel"], strict=True):
+            assert mean == pytest.approx(sum(per) / len(per))
+
+
+def test_diagnostics_mean_is_the_mean_over_examples_and_positions(tiny_source: pt.LayeredNet) -> None:
+    method, model = _build("ptu", tiny_source)
+    x = torch.randn(7, 1, 28, 28)
+    task = pt.Task("toy", tuple("abcde"), *[pt.data.Split(x, torch.zeros(7, dtype=torch.long))] * 3)
+    gates = method.diagnostics(model, task)["gates"]
+    model.eval()
+    model(x)
+    first = model.units["0"]
+    torch.testing.assert_close(
+        torch.tensor(gates["z_per_channel"][0], dtype=torch.float64),
+        first.last_z.double().mean(dim=(0, 2, 3)),
+    )
+
+
+def test_group_lasso_and_regulariser_by_hand(tiny_source: pt.LayeredNet) -> None:
+    w = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    assert float(group_lasso(w, 0)) == pytest.approx(5.0 + 1.0)  # rows (filters)
+    assert float(group_lasso(w, 1)) == pytest.approx(3.0 + math.sqrt(17.0))  # columns (channels)
+    method, model = _build("ptu[layers=[3],l1=0.1,l2=0.01,group_filter=0.5,group_channel=0.2]", tiny_source)
+    unit = model.units["3"]
+    ws = [unit.gate_r.weight, unit.gate_z.weight, unit.adapt.weight]
+    expected = sum(
+        0.1 * w.abs().sum() + 0.01 * (w**2).sum() + 0.5 * w.norm(dim=1).sum() + 0.2 * w.norm(dim=0).sum()
+        for w in ws
+    )
+    torch.testing.assert_close(method.regularizer(model), expected)
+    terms = method.loss_terms(model, torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))
+    assert set(terms) == {"task", "reg"}
+    plain, model2 = _build("ptu", tiny_source)
+    assert set(plain.loss_terms(model2, torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))) == {"task"}
