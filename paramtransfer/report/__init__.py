@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from paramtransfer.errors import UserError
-from paramtransfer.report.plots import plot_ft_layers, plot_learning_curves
+from paramtransfer.report.plots import plot_ft_layers, plot_learning_curves, plot_ptu_gates
 from paramtransfer.report.tables import comparison_table, label
 from paramtransfer.train.checkpoint import atomic_write_bytes
 
@@ -20,7 +20,12 @@ def write_report(summary: dict[str, Any], out: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = {"table": out / "table.md"}
     atomic_write_bytes(written["table"], comparison_table(summary).encode())
-    for name, fn in (("ft_layers", plot_ft_layers), ("learning_curves", plot_learning_curves)):
+    plots = (
+        ("ft_layers", plot_ft_layers),
+        ("learning_curves", plot_learning_curves),
+        ("ptu_gates", plot_ptu_gates),
+    )
+    for name, fn in plots:
         p = fn(summary, out / f"{name}.png")
         if p is not None:
             written[name] = p

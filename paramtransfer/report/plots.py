@@ -90,3 +90,59 @@ def plot_learning_curves(summary: dict[str, Any], path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_ptu_gates(summary: dict[str, Any], path: Path) -> Path | None:
+    """PTU paper Fig. 7: mean gate values r and z per layer beside the FT-l test accuracy per layer.
+
+    Gate means are those of the PTU runs at the chosen learning rate, averaged over seeds; layer l is
+    the PTU after block l, compared with FT-l (the first l blocks frozen).
+    """
+    selected = summary["selected"]
+    ptu = next(
+        (v for v in sorted(selected) if v.startswith("ptu") and selected[v].get("status") == "ok"), None
+    )
+    if ptu is None:
+        return None
+    gates = [
+        r["diagnostics"]["gates"]
+        for r in summary["runs"]
+        if r["method"] == ptu
+        and r["status"] == "ok"
+        and r["config"].get("lr") == selected[ptu]["lr"]
+        and "gates" in r["diagnostics"]
+    ]
+    if not gates:
+        return None
+    layers = [i + 1 for i in gates[0]["layers"]]
+    r_mean = [_mean([g["r"][j] for g in gates]) for j in range(len(layers))]
+    z_mean = [_mean([g["z"][j] for g in gates]) for j in range(len(layers))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    ax.bar([x - width / 2 for x in layers], z_mean, width, label="update gate z")
+    ax.bar([x + width / 2 for x in layers], r_mean, width, label="fine-tune gate r")
+    ax.set_xlabel("layer l (PTU after block l)")
+    ax.set_ylabel("mean gate value on test")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(layers)
+    ft = {ft_level(v): e for v, e in selected.items() if ft_level(v) is not None and e.get("status") == "ok"}
+    points = [(lvl, ft[lvl]) for lvl in layers if lvl in ft]
+    handles, labels = ax.get_legend_handles_labels()
+    if points:
+        ax2 = ax.twinx()
+        (line,) = ax2.plot(
+            [p[0] for p in points],
+            [100 * p[1]["test_mean"] for p in points],
+            "k-o",
+            label="FT-l test accuracy",
+        )
+        ax2.set_ylabel("FT-l test accuracy (%)")
+        handles.append(line)
+        labels.append(line.get_label())
+    ax.legend(handles, labels, fontsize=8, loc="upper right")
+    cfg = summary.get("config", {})
+    ax.set_title(f"PTU gates vs FT-l: {cfg.get('source')} → {cfg.get('target')} ({cfg.get('arch')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -57,9 +57,17 @@ def _pct(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def _notes(entry: dict[str, Any]) -> str:
+def relative_gain(entry: dict[str, Any], reference: dict[str, Any]) -> float:
+    """Delta of the PTU paper's Tables 1-2: relative test-accuracy improvement over ``reference``, in %."""
+    return 100.0 * (entry["test_mean"] - reference["test_mean"]) / reference["test_mean"]
+
+
+def _notes(entry: dict[str, Any], variant: str = "", best: tuple[str, dict[str, Any]] | None = None) -> str:
     div = entry.get("diverged_lrs") or {}
-    return "; ".join(f"diverged at lr={lr} ({n} seeds)" for lr, n in div.items())
+    notes = [f"diverged at lr={lr} ({n} seeds)" for lr, n in div.items()]
+    if variant.startswith("ptu") and best is not None and entry.get("status") == "ok":
+        notes.insert(0, f"Δ = {relative_gain(entry, best[1]):+.2f} % vs best FT-l ({label(best[0])})")
+    return "; ".join(notes)
 
 
 def comparison_table(summary: dict[str, Any]) -> str:
@@ -77,6 +85,7 @@ def comparison_table(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     order = sorted(selected, key=row_order)
+    best = best_ft(selected)
     for variant in order:
         e = selected[variant]
         if e.get("status") != "ok":
@@ -85,9 +94,8 @@ def comparison_table(summary: dict[str, Any]) -> str:
         lr = "—" if e["lr"] is None else f"{e['lr']:g}"
         lines.append(
             f"| {label(variant)} | {lr} | {_pct(e['val_mean'], e['val_std'])} | "
-            f"{_pct(e['test_mean'], e['test_std'])} | {_notes(e)} |"
+            f"{_pct(e['test_mean'], e['test_std'])} | {_notes(e, variant, best)} |"
         )
-    best = best_ft(selected)
     if best is not None:
         v, e = best
         lines.append(
