@@ -34,12 +34,19 @@ _ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
 class SeparableConv2d(nn.Module):
     """Depth-wise ``k x k`` convolution followed by a point-wise ``1 x 1`` one (Howard et al. 2017).
 
+    With ``kernel_size=1`` the depth-wise step (a per-channel scale the point-wise step can absorb)
+    is left out.
+
     Shape: ``[B, cin, H, W] -> [B, cout, H, W]`` (same padding).
     """
 
     def __init__(self, cin: int, cout: int, kernel_size: int = 3) -> None:
         super().__init__()
-        self.depthwise = nn.Conv2d(cin, cin, kernel_size, padding=kernel_size // 2, groups=cin, bias=False)
+        self.depthwise = (
+            nn.Conv2d(cin, cin, kernel_size, padding=kernel_size // 2, groups=cin, bias=False)
+            if kernel_size > 1
+            else nn.Identity()
+        )
         self.pointwise = nn.Conv2d(cin, cout, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,96 @@
+"""Training-step and evaluation time of methods relative to plain fine-tuning, in one process.
+
+Steps of all methods are interleaved (round-robin) and the median of the repeats is taken, so that
+machine load affects every method alike. Each method runs exactly as the trainer runs it: the
+trainer's optimizer, BatchNorm handling and memory format.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from paramtransfer.methods.base import make_method
+from paramtransfer.models.zoo import build_model
+from paramtransfer.train.trainer import (
+    TrainConfig,
+    _is_convnet,
+    keep_frozen_batchnorm,
+    make_optimizer,
+    to_memory_format,
+)
+
+
+def _steppers(spec: str, arch: str, batch: int, seed: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    source = build_model(arch, 5, seed=seed)
+    method = make_method(spec)
+    model = method.build(source, 5, arch=arch, in_shape=source.in_shape, seed=seed)
+    channels_last = _is_convnet(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(seed)
+    x = to_memory_format(torch.randn(batch, *source.in_shape, generator=gen), channels_last)
+    y = torch.randint(0, 5, (batch,), generator=gen)
+    optimizer = make_optimizer(method.param_groups(model), TrainConfig())
+
+    def train_step() -> None:
+        model.train()
+        keep_frozen_batchnorm(model)
+        terms = method.loss_terms(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        method.backward(terms, model)
+        optimizer.step()
+
+    @torch.no_grad()
+    def eval_step() -> None:
+        model.eval()
+        method.predict(model, x)
+
+    return train_step, eval_step
+
+
+def _median_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def step_time_ratios(
+    archs: Sequence[str],
+    methods: Sequence[str],
+    *,
+    baseline: str = "finetune",
+    batch: int = 128,
+    repeats: int = 20,
+    warmup: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Median step times (ms) and their ratios to ``baseline`` for every arch and method.
+
+    Returns ``{"train_step_ms": {arch: {method: ms}}, "eval_ms": {...}, "train_step_ratio": {...},
+    "eval_ratio": {...}, "batch": batch, "repeats": repeats, "threads": n}``.
+    """
+    out: dict[str, Any] = {"batch": batch, "repeats": repeats, "threads": torch.get_num_threads()}
+    for key in ("train_step_ms", "eval_ms", "train_step_ratio", "eval_ratio"):
+        out[key] = {}
+    for arch in archs:
+        specs = [baseline, *[m for m in methods if m != baseline]]
+        pairs = {m: _steppers(m, arch, batch, seed) for m in specs}
+        train = _median_times({m: p[0] for m, p in pairs.items()}, repeats, warmup)
+        evals = _median_times({m: p[1] for m, p in pairs.items()}, repeats, warmup)
+        out["train_step_ms"][arch] = {m: 1000 * t for m, t in train.items()}
+        out["eval_ms"][arch] = {m: 1000 * t for m, t in evals.items()}
+        out["train_step_ratio"][arch] = {m: train[m] / train[baseline] for m in specs if m != baseline}
+        out["eval_ratio"][arch] = {m: evals[m] / evals[baseline] for m in specs if m != baseline}
+    return out
