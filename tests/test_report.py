@@ -1,0 +1,77 @@
+"""Report tables and plots from hand-made results: labels, best FT-l on validation, PTU's Delta, Fig. 7."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from paramtransfer.report import comparison_table, write_report
+from paramtransfer.report.tables import best_ft, label, relative_gain
+
+
+def _entry(val: float, test: float, lr: float = 0.01) -> dict:
+    return {"status": "ok", "lr": lr, "val_mean": val, "val_std": 0.0, "test_mean": test, "test_std": 0.01}
+
+
+def _run(method: str, lr: float, seed: int, gates: dict | None = None) -> dict:
+    diagnostics = {"gates": gates} if gates else {}
+    history = [
+        {"epoch": 1, "train_loss": 1.0, "val_accuracy": 0.5},
+        {"epoch": 2, "train_loss": 0.5, "val_accuracy": 0.6},
+    ]
+    return {
+        "method": method,
+        "status": "ok",
+        "config": {"lr": lr},
+        "seed": seed,
+        "history": history,
+        "diagnostics": diagnostics,
+    }
+
+
+@pytest.fixture()
+def summary() -> dict:
+    selected = {
+        "scratch": _entry(0.70, 0.71),
+        "finetune": _entry(0.80, 0.84),
+        "finetune[freeze=1]": _entry(0.85, 0.80),  # best on validation, although FT-0 is better on test
+        "ptu": _entry(0.82, 0.88, lr=0.1),
+        "l2sp": {"status": "diverged", "lr": None, "diverged_lrs": {"0.1": "3/3"}},
+    }
+    gates = {"layers": [0, 1], "r": [0.2, 0.4], "z": [0.9, 0.6]}
+    runs = [_run("ptu", 0.1, s, gates) for s in (0, 1)] + [_run("finetune", 0.01, 0)]
+    config = {"source": "a", "target": "b", "arch": "lenet", "shots": 20, "seeds": [0, 1], "lrs": [0.1, 0.01]}
+    return {"config": config, "selected": selected, "runs": runs}
+
+
+def test_labels() -> None:
+    assert label("finetune[freeze=3]") == "FT-3"
+    assert label("finetune") == "fine-tune (FT-0)"
+    assert label("l2sp") == "l2sp"
+
+
+def test_best_ft_is_chosen_on_validation_not_test(summary: dict) -> None:
+    variant, _ = best_ft(summary["selected"])
+    assert variant == "finetune[freeze=1]"
+
+
+def test_relative_gain_is_the_papers_delta() -> None:
+    assert relative_gain({"test_mean": 0.5612}, {"test_mean": 0.5428}) == pytest.approx(3.39, abs=0.01)
+
+
+def test_table_reports_delta_divergence_and_best_ft(summary: dict) -> None:
+    table = comparison_table(summary)
+    assert "Δ = +10.00 % vs best FT-l (FT-1)" in table  # (0.88 - 0.80) / 0.80
+    assert "every learning rate diverged; diverged at lr=0.1 (3/3 seeds)" in table
+    assert "| **best FT-l** = FT-1 | 0.01 | 85.00 ± 0.00 | 80.00 ± 1.00 |" in table
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
+    assert rows[:3] == ["scratch (NoTL)", "fine-tune (FT-0)", "FT-1"]
+
+
+def test_report_draws_the_gate_figure_only_with_ptu(summary: dict, tmp_path: Path) -> None:
+    written = write_report(summary, tmp_path / "with")
+    assert written["ptu_gates"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "with" / "table.md").read_text() == comparison_table(summary)
+    del summary["selected"]["ptu"]
+    assert "ptu_gates" not in write_report(summary, tmp_path / "without")
