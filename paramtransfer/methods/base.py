@@ -173,6 +173,13 @@ def freeze(modules: nn.Module | list[nn.Module]) -> None:
             p.requires_grad_(False)
 
 
+def frozen_copy(source: LayeredNet) -> LayeredNet:
+    """A real copy of ``source`` (no shared storage) that never trains."""
+    frozen = copy.deepcopy(source)
+    freeze(frozen)
+    return frozen
+
+
 def trainable(model: nn.Module) -> Iterator[nn.Parameter]:
     return (p for p in model.parameters() if p.requires_grad)
 

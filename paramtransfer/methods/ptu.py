@@ -15,7 +15,6 @@ built from the equations, with two engineering choices measured on our data (see
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paramtransfer.errors import UserError
-from paramtransfer.methods.base import Method, MethodConfig, freeze, fresh_model, register_method
+from paramtransfer.methods.base import Method, MethodConfig, freeze, fresh_model, frozen_copy, register_method
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.zoo import RowRNN
 
@@ -364,7 +363,7 @@ class PTUMethod(_PTUMethodBase):
             feats = src.features(torch.zeros(2, *src.in_shape))
             src.train(was_training)
         target = fresh_model(src, num_classes, arch, in_shape, seed)
-        frozen_source = _frozen_copy(src)
+        frozen_source = frozen_copy(src)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             units = {i: _make_unit(c, *_unit_kind(feats[i])) for i in layers}
@@ -394,10 +393,4 @@ class PTURNNMethod(_PTUMethodBase):
                 gate_bias_r=c.gate_bias_r,
                 gate_bias_z=c.gate_bias_z,
             )
-        return PTURNN(_frozen_copy(src), target, {0: unit})
-
-
-def _frozen_copy(source: LayeredNet) -> LayeredNet:
-    frozen = copy.deepcopy(source)
-    freeze(frozen)
-    return frozen
+        return PTURNN(frozen_copy(src), target, {0: unit})

@@ -6,7 +6,6 @@ Eq. 1); they return it as a separate loss term ``"reg"`` so that DTNH can correc
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paramtransfer.errors import UserError
-from paramtransfer.methods.base import Method, MethodConfig, freeze, register_method, transfer_copy
+from paramtransfer.methods.base import Method, MethodConfig, frozen_copy, register_method, transfer_copy
 from paramtransfer.models.layered import LayeredNet
 
 
@@ -130,8 +129,7 @@ class KnowDist(Method):
     ) -> nn.Module:
         src = self._require_source(source)
         target = transfer_copy(src, num_classes, seed)
-        frozen = copy.deepcopy(src)
-        freeze(frozen)
+        frozen = frozen_copy(src)
         c: KnowDistConfig = self.config  # type: ignore[assignment]
         n = src.num_blocks
         self.layers = list(range(n)) if c.layers == "all" else [int(i) for i in c.layers]
