@@ -258,9 +258,6 @@ class _PTUMethodBase(Method):
             {"params": list(model.units.parameters()), "lr_mult": c.lr_mult},
         ]
 
-    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model(x)
-
     def regularizer(self, model: nn.Module) -> torch.Tensor | None:
         c: PTUConfig = self.config  # type: ignore[assignment]
         if not (c.l1 or c.l2 or c.group_filter or c.group_channel):
