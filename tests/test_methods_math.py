@@ -483,3 +483,12 @@ def test_task_loss_is_plain_cross_entropy(tiny_source: pt.LayeredNet, tiny_task:
     terms = method.loss_terms(model, x, y)
     assert set(terms) == {"task"}
     torch.testing.assert_close(terms["task"], F.cross_entropy(copy.deepcopy(model)(x), y))
+
+
+def test_variant_names_parse_back_into_the_same_method() -> None:
+    from paramtransfer.methods.base import make_method
+
+    for spec in ["ptu[layers=[1,2,3],group_filter=0.0001]", "knn[ks=[1,5]]", "finetune[freeze=2]", "l2sp"]:
+        variant = make_method(spec).variant()
+        assert make_method(variant).variant() == variant
+        assert make_method(variant).config == make_method(spec).config

@@ -118,8 +118,8 @@ class Method:
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, list | tuple):
-        return "+".join(str(x) for x in v)
+    if isinstance(v, list | tuple):  # written so that the variant name parses back as a method spec
+        return "[" + ",".join(str(x) for x in v) + "]"
     return str(v)
 
 
