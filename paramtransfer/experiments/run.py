@@ -20,7 +20,7 @@ from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import save_model
 from paramtransfer.models.zoo import build_model
 from paramtransfer.train.checkpoint import atomic_write_json
-from paramtransfer.train.trainer import TrainConfig, evaluate, fit, to_memory_format
+from paramtransfer.train.trainer import TrainConfig, evaluate, fit, to_memory_format, uses_channels_last
 
 RESULT = "result.json"
 CHECKPOINT = "checkpoint.pt"
@@ -201,10 +201,7 @@ def train_model(
         ok = not outcome.diverged
         test_acc = None
         if ok:
-            channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last) and any(
-                p.dim() == 4 for p in model.parameters()
-            )
-            x_test = to_memory_format(task.test.x, channels_last)
+            x_test = to_memory_format(task.test.x, uses_channels_last(model, train_cfg))
             test_acc, _ = evaluate(m, model, x_test, task.test.y, train_cfg.eval_batch_size)
         diagnostics = {
             "classes": list(task.classes),

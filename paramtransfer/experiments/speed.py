@@ -18,10 +18,10 @@ from paramtransfer.methods.base import make_method
 from paramtransfer.models.zoo import build_model
 from paramtransfer.train.trainer import (
     TrainConfig,
-    _is_convnet,
     keep_frozen_batchnorm,
     make_optimizer,
     to_memory_format,
+    uses_channels_last,
 )
 
 
@@ -29,7 +29,7 @@ def _steppers(spec: str, arch: str, batch: int, seed: int) -> tuple[Callable[[],
     source = build_model(arch, 5, seed=seed)
     method = make_method(spec)
     model = method.build(source, 5, arch=arch, in_shape=source.in_shape, seed=seed)
-    channels_last = _is_convnet(model)
+    channels_last = uses_channels_last(model, TrainConfig())
     if channels_last:
         model.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(seed)

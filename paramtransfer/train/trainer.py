@@ -140,6 +140,11 @@ def _is_convnet(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
+def uses_channels_last(model: nn.Module, config: TrainConfig) -> bool:
+    """Whether the trainer runs ``model`` in channels-last memory format (see ``TrainConfig``)."""
+    return config.channels_last if config.channels_last is not None else _is_convnet(model)
+
+
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
@@ -196,7 +201,7 @@ def fit(
         callbacks: called as ``cb("on_before_optimizer_step", model=..., terms=..., step=...)`` and
             ``cb("on_epoch_end", model=..., record=...)``.
     """
-    channels_last = config.channels_last if config.channels_last is not None else _is_convnet(model)
+    channels_last = uses_channels_last(model, config)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     x_train = to_memory_format(task.train.x, channels_last)
