@@ -45,6 +45,10 @@ EXPECTED_TRAINABLE: dict[str, Callable[[str], bool]] = {
     "l2sp": lambda name: True,
     "linear_probe": lambda name: name.startswith(("head.", "module.classifier.1.")),
     "knowdist": lambda name: name.startswith("target."),
+    "delta": lambda name: name.startswith("target."),
+    "dtnh:l2sp": lambda name: True,
+    "dtnh:knowdist": lambda name: name.startswith("target."),
+    "dtnh:delta": lambda name: name.startswith("target."),
     "ptu": lambda name: name.startswith(("target.", "units.")),
     "ptu_rnn": lambda name: name.startswith(("target.", "units.")),
 }
@@ -134,6 +138,7 @@ def test_loss_terms_have_a_finite_task_term(
     source = _source(request, fixture, name)
     method = make_method(name)
     model = _build(method, source, tiny_task.num_classes)
+    method.prepare(model, tiny_task)  # as the trainer does before the first step
     model.train()
     terms = method.loss_terms(model, tiny_task.train.x[:8], tiny_task.train.y[:8])
     assert isinstance(terms, dict) and "task" in terms

@@ -212,6 +212,7 @@ def train_model(
         }
         if ok:
             diagnostics.update(m.diagnostics(model, task))
+            diagnostics.update(m.summarize_history(outcome.history))
         result = RunResult(
             **common,
             config=config,

@@ -57,6 +57,7 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     trains: ClassVar[bool] = True
     needs_source: ClassVar[bool] = True
+    regularized: ClassVar[bool] = False  # has loss terms besides "task" (then ``dtnh:<name>`` exists)
     supported_archs: ClassVar[tuple[str, ...] | None] = None  # None: any LayeredNet
 
     def __init__(self, config: MethodConfig | None = None) -> None:
@@ -73,6 +74,10 @@ class Method:
         """Parameter groups for the optimizer; a group may carry ``lr_mult`` (default 1)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
+    def prepare(self, model: nn.Module, task: Any) -> None:
+        """Called by the trainer before the first step (and again on resume), with the target task;
+        for set-up that needs the training data (e.g. DELTA's channel attention). Must be deterministic."""
+
     # ---- one training step --------------------------------------------------------------------
     def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"task": F.cross_entropy(model(x), y)}
@@ -86,6 +91,15 @@ class Method:
         return model(x)
 
     def diagnostics(self, model: nn.Module, task: Any) -> dict[str, Any]:
+        return {}
+
+    def epoch_stats(self) -> dict[str, Any]:
+        """Measurements of the epoch just trained, merged into its history record (and so kept in the
+        checkpoint across a resume); the method resets its counters here."""
+        return {}
+
+    def summarize_history(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """Diagnostics computed from the whole history (e.g. from :meth:`epoch_stats`)."""
         return {}
 
     def export(self, model: nn.Module) -> nn.Module:

@@ -44,6 +44,8 @@ class L2SP(Method):
     """
 
     Config = L2SPConfig
+    regularized = True
+    reg_needs_graph = True  # DTNH uses reg_gradients() instead and turns this off
 
     def build(
         self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int
@@ -68,7 +70,9 @@ class L2SP(Method):
         return grads
 
     def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"task": F.cross_entropy(model(x), y), "reg": self.regularizer()}
+        with torch.set_grad_enabled(self.reg_needs_graph and torch.is_grad_enabled()):
+            reg = self.regularizer()
+        return {"task": F.cross_entropy(model(x), y), "reg": reg}
 
 
 @dataclass
@@ -123,6 +127,7 @@ class KnowDist(Method):
     """
 
     Config = KnowDistConfig
+    regularized = True
 
     def build(
         self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int

@@ -43,6 +43,8 @@ class TrainConfig:
         grad_clip: clip the global gradient norm to this value (None: no clipping).
         channels_last: channels-last memory format (None: for every net with a Conv2d; measured here it
             makes LeNet steps ~1.4x and ResNet-20 steps ~1.35x faster, and depth-wise convolutions 3x).
+        trace_test: also record test loss and accuracy after every epoch (for plots such as DTNH's
+            Fig. 3; never used to select anything; costs one pass over the test split per epoch).
     """
 
     epochs: int = 30
@@ -59,6 +61,7 @@ class TrainConfig:
     min_last_batch: float = 0.5
     channels_last: bool | None = None
     eval_batch_size: int = 1000
+    trace_test: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "step_every"):
@@ -207,9 +210,11 @@ def fit(
     x_train = to_memory_format(task.train.x, channels_last)
     x_val = to_memory_format(task.val.x, channels_last)
     y_train, y_val = task.train.y, task.val.y
+    x_test = to_memory_format(task.test.x, channels_last) if config.trace_test else None
 
     torch.manual_seed(seed)
     shuffle = torch.Generator().manual_seed(seed + 7919)
+    method.prepare(model, task)
     optimizer = make_optimizer(method.param_groups(model), config)
     out = FitOutcome()
     best_state: dict[str, torch.Tensor] | None = None
@@ -283,8 +288,13 @@ def fit(
             **{f"train_{k}": v / seen for k, v in sums.items() if k != "loss"},
             "val_accuracy": val_acc,
             "val_loss": val_loss,
-            "time_s": time.perf_counter() - t0,
+            **method.epoch_stats(),
         }
+        if x_test is not None:
+            record["test_accuracy"], record["test_loss"] = evaluate(
+                method, model, x_test, task.test.y, config.eval_batch_size
+            )
+        record["time_s"] = time.perf_counter() - t0
         for cb in callbacks:
             cb("on_epoch_end", model=model, record=record)
         out.history.append(record)

@@ -1,0 +1,148 @@
+"""``dtnh:<method>``: any regularised method with DTNH's conflict-free descent direction.
+
+DTNH (Wan et al., "Towards Making Deep Transfer Learning Never Hurt", Algorithm 1) changes only the
+step between backward and the optimizer: it obtains the task gradient ``g_J`` and the regulariser
+gradient ``g_O`` separately from one forward pass, replaces their sum by
+:func:`~paramtransfer.optim.dtnh.correct_tensors` (Eqs. 6-7), writes the result into ``.grad`` and lets
+the optimizer (SGD, momentum, Adam, with clipping and weight decay) step as usual.
+
+* Methods with a closed-form regulariser gradient (L2-SP, ``reg_gradients()``) need one backward pass,
+  for the task term only; the regulariser is then evaluated without building a graph.
+* Feature-map regularisers (KnowDist, DELTA) take two backward passes over the one forward graph:
+  ``g_J`` with ``retain_graph=True``, then ``g_O``, which stops at the deepest regularised block.
+
+The loss terms arrive already weighted (``"reg"`` is ``lambda * Omega``); projecting ``lambda * g_O``
+and adding it is the same as ``g_J + lambda * g_O^y``, so the correction runs with ``lam = 1``.
+
+Every method registered with ``regularized = True`` gets a ``dtnh:`` twin at import; a user's own
+regularised method can be added with :func:`register_dtnh`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from paramtransfer.errors import UserError
+from paramtransfer.methods.base import METHODS, Method, register_method
+from paramtransfer.optim.dtnh import GRANULARITIES, angle_degrees, correct_tensors
+
+PREFIX = "dtnh:"
+ANGLE_NAMES = ("d_vs_task", "d_vs_reg", "sum_vs_task", "sum_vs_reg")  # Angles 1, 2, 3, 4 (Sec. V-D)
+
+
+def _validate(self: Any) -> None:
+    base_post_init = getattr(super(type(self), self), "__post_init__", None)
+    if base_post_init is not None:
+        base_post_init()
+    if self.granularity not in GRANULARITIES:
+        raise UserError(f"dtnh granularity={self.granularity!r}: use one of {', '.join(GRANULARITIES)}")
+    if isinstance(self.angle_every, bool) or not isinstance(self.angle_every, int) or self.angle_every < 0:
+        raise UserError(f"dtnh angle_every={self.angle_every!r}: a whole number of steps (0: never)")
+
+
+def with_dtnh(base: type[Method]) -> type[Method]:
+    """A subclass of ``base`` whose backward step is DTNH's (config: base options + DTNH's own).
+
+    DTNH options:
+        granularity: ``"global"`` (default, the paper: one projection over the whole parameter vector)
+            or ``"tensor"`` (one projection per parameter tensor).
+        angle_every: log the four angles of Sec. V-D every this many steps (0: never).
+    """
+    config = dataclasses.make_dataclass(
+        f"DTNH{base.Config.__name__}",
+        [("granularity", str, "global"), ("angle_every", int, 1)],
+        bases=(base.Config,),
+        namespace={"__post_init__": _validate},
+    )
+
+    class DTNH(base):  # type: ignore[valid-type, misc]
+        __doc__ = f"{base.__name__} with DTNH's corrected descent direction.\n\n{with_dtnh.__doc__}"
+        Config = config
+        reg_needs_graph = False  # a closed-form g_O needs no autograd graph for the regulariser
+
+        def build(self, *args: Any, **kwargs: Any) -> nn.Module:
+            self._epoch: dict[str, Any] = {"steps": 0, "corrected": 0.0, "angles": []}
+            return super().build(*args, **kwargs)
+
+        def backward(self, terms: dict[str, torch.Tensor], model: nn.Module) -> None:
+            params = [p for g in self.param_groups(model) for p in g["params"] if p.requires_grad]
+            task = terms["task"]
+            reg_terms = [v for k, v in terms.items() if k != "task"]
+            closed_form = getattr(self, "reg_gradients", None)
+            if closed_form is not None:
+                task.backward()
+                g_task = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                reg_grads = closed_form()
+                g_reg = [reg_grads.get(p, torch.zeros_like(p)) for p in params]
+            else:
+                reg = sum(reg_terms, torch.zeros(()))
+                g_task = list(
+                    torch.autograd.grad(task, params, retain_graph=reg.requires_grad, materialize_grads=True)
+                )
+                if reg.requires_grad:
+                    g_reg = list(torch.autograd.grad(reg, params, materialize_grads=True))
+                else:
+                    g_reg = [torch.zeros_like(p) for p in params]
+            direction, corrected = correct_tensors(g_task, g_reg, 1.0, self.config.granularity)
+            for p, d in zip(params, direction, strict=True):
+                p.grad = d
+            self._record(g_task, g_reg, direction, corrected)
+
+        def _record(self, g_task: list, g_reg: list, direction: list, corrected: float) -> None:
+            ep = self._epoch
+            every = self.config.angle_every
+            if every and ep["steps"] % every == 0:
+                total = [a + b for a, b in zip(g_task, g_reg, strict=True)]
+                ep["angles"].append(
+                    [
+                        angle_degrees(direction, g_task),
+                        angle_degrees(direction, g_reg),
+                        angle_degrees(total, g_task),
+                        angle_degrees(total, g_reg),
+                    ]
+                )
+            ep["steps"] += 1
+            ep["corrected"] += corrected
+
+        def epoch_stats(self) -> dict[str, Any]:
+            ep = self._epoch
+            self._epoch = {"steps": 0, "corrected": 0.0, "angles": []}
+            if not ep["steps"]:
+                return {}
+            return {"dtnh_steps": ep["steps"], "dtnh_corrected": ep["corrected"], "dtnh_angles": ep["angles"]}
+
+        def summarize_history(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+            steps = sum(rec.get("dtnh_steps", 0) for rec in history)
+            corrected = sum(rec.get("dtnh_corrected", 0.0) for rec in history)
+            rows = [row for rec in history for row in rec.get("dtnh_angles", [])]
+            angles = {name: [row[i] for row in rows] for i, name in enumerate(ANGLE_NAMES)}
+            out: dict[str, Any] = {
+                "corrected_fraction": corrected / steps if steps else 0.0,
+                "granularity": self.config.granularity,
+                "angle_every": self.config.angle_every,
+                "angles": angles,
+            }
+            for name, values in angles.items():
+                finite = [v for v in values if v is not None]
+                out[f"mean_angle_{name}"] = sum(finite) / len(finite) if finite else None
+            return out
+
+    DTNH.__name__ = DTNH.__qualname__ = f"DTNH{base.__name__}"
+    return DTNH
+
+
+def register_dtnh(name: str) -> type[Method]:
+    """Register ``dtnh:<name>`` for the registered regularised method ``name``."""
+    base = METHODS.get(name)
+    if not getattr(base, "regularized", False):
+        raise UserError(f"dtnh needs a method with a regulariser term; {name!r} has none")
+    return register_method(PREFIX + name)(with_dtnh(base))
+
+
+for _name in METHODS.names():
+    if getattr(METHODS.get(_name), "regularized", False):
+        register_dtnh(_name)

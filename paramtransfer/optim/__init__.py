@@ -1,0 +1,5 @@
+"""Optimisation add-ons: DTNH's conflict-free descent direction."""
+
+from paramtransfer.optim.dtnh import correct_direction, correct_tensors
+
+__all__ = ["correct_direction", "correct_tensors"]

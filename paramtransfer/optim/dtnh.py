@@ -1,0 +1,101 @@
+"""DTNH: the descent direction that never opposes the task gradient (Wan et al., Algorithm 1).
+
+Given the stochastic gradients of the empirical loss ``g_J`` and of the regulariser ``g_O`` at the same
+point, DTNH (Eqs. 6-7) keeps ``d = g_J + lam * g_O`` when the two form an acute (or right) angle and
+otherwise drops the component of ``g_O`` along ``g_J``:
+
+    g_O^x = <g_J, g_O> / ||g_J||^2 * g_J,    g_O^y = g_O - g_O^x,    d = g_J + lam * g_O^y.
+
+Erratum (see DESIGN.md): Algorithm 1 line 11 and the text print ``lam * J_t``; the direction is
+``g_J + lam * g_O^y`` (line 8's form with the projected regulariser gradient). Since ``<d, g_J> =
+||g_J||^2 >= 0`` after the correction, the direction never increases the task loss to first order.
+
+The paper treats all parameters as one flat vector (``granularity="global"``); :func:`correct_tensors`
+also offers the projection tensor by tensor (``"tensor"``), which removes conflicts that cancel out in
+the global inner product.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+GRANULARITIES = ("global", "tensor")
+
+
+def correct_direction(grad_task: torch.Tensor, grad_reg: torch.Tensor, lam: float) -> torch.Tensor:
+    """Algorithm 1 on flat vectors: the corrected descent direction ``d``.
+
+    Args:
+        grad_task: ``g_J``, the gradient of the empirical loss, any float dtype.
+        grad_reg: ``g_O``, the gradient of the (unweighted) regulariser, same shape and dtype.
+        lam: the regularisation coefficient lambda of Eq. 1.
+
+    Shape:
+        ``[d]`` and ``[d]`` -> ``[d]``.
+
+    Example:
+        >>> correct_direction(torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0]), 1.0)
+        tensor([1., 1.])
+    """
+    if grad_task.shape != grad_reg.shape:
+        raise ValueError(f"gradients differ in shape: {tuple(grad_task.shape)} vs {tuple(grad_reg.shape)}")
+    if grad_task.dim() != 1:
+        raise ValueError(f"correct_direction takes flat vectors; got shape {tuple(grad_task.shape)}")
+    if not (grad_task.is_floating_point() and grad_reg.is_floating_point()):
+        raise TypeError("correct_direction takes floating-point gradients")
+    dot = torch.dot(grad_task, grad_reg)
+    if dot < 0:
+        coeff = dot / torch.dot(grad_task, grad_task)  # dot < 0 implies ||g_J|| > 0
+        return grad_task + lam * (grad_reg - coeff * grad_task)
+    return grad_task + lam * grad_reg
+
+
+def _dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]
+
+
+def correct_tensors(
+    grads_task: Sequence[torch.Tensor],
+    grads_reg: Sequence[torch.Tensor],
+    lam: float = 1.0,
+    granularity: str = "global",
+) -> tuple[list[torch.Tensor], float]:
+    """Algorithm 1 over a list of parameter-shaped gradients, without concatenating them.
+
+    ``"global"`` gives exactly :func:`correct_direction` on the concatenation of the tensors; ``"tensor"``
+    applies it to each tensor on its own.
+
+    Returns:
+        the direction, one tensor per parameter, and the fraction of projections applied (0 or 1 for
+        ``"global"``; the fraction of tensors in conflict for ``"tensor"``).
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity {granularity!r} is unknown; use one of {GRANULARITIES}")
+    dots = _dots(grads_task, grads_reg)
+    if granularity == "global":
+        dot = torch.stack(dots).sum() if dots else torch.zeros(())
+        if dot < 0:
+            coeff = dot / torch.stack([g.pow(2).sum() for g in grads_task]).sum()
+            return [gj + lam * (gr - coeff * gj) for gj, gr in zip(grads_task, grads_reg, strict=True)], 1.0
+        return [gj + lam * gr for gj, gr in zip(grads_task, grads_reg, strict=True)], 0.0
+    out, corrected = [], 0
+    for gj, gr, dot in zip(grads_task, grads_reg, dots, strict=True):
+        if dot < 0:
+            corrected += 1
+            out.append(gj + lam * (gr - (dot / gj.pow(2).sum()) * gj))
+        else:
+            out.append(gj + lam * gr)
+    return out, corrected / max(1, len(out))
+
+
+def angle_degrees(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float | None:
+    """The angle between two vectors given as lists of tensors (None if either is zero)."""
+    dot = float(sum(_dots(a, b), torch.zeros(())))
+    na = math.sqrt(float(sum(_dots(a, a), torch.zeros(()))))
+    nb = math.sqrt(float(sum(_dots(b, b), torch.zeros(()))))
+    if na == 0.0 or nb == 0.0:
+        return None
+    return math.degrees(math.acos(max(-1.0, min(1.0, dot / (na * nb)))))
