@@ -166,6 +166,10 @@ def select(runs: list[RunResult]) -> dict[str, dict[str, Any]]:
                 arch=chosen[0].arch,
                 frozen_blocks=chosen[0].config.get("method", {}).get("freeze"),
             )
+            if "corrected_fraction" in chosen[0].diagnostics:  # DTNH: how often the gradients conflicted
+                entry["corrected_fraction"] = _mean_std(
+                    [r.diagnostics["corrected_fraction"] for r in chosen]
+                )[0]
         out[variant] = entry
     return out
 

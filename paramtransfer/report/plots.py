@@ -146,3 +146,71 @@ def plot_ptu_gates(summary: dict[str, Any], path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _chosen_histories(summary: dict[str, Any], variant: str) -> list[dict[str, Any]]:
+    """The runs of ``variant`` at its chosen learning rate, by seed."""
+    lr = summary["selected"].get(variant, {}).get("lr")
+    runs = [
+        r
+        for r in summary["runs"]
+        if r["method"] == variant and r["status"] == "ok" and r["history"] and r["config"].get("lr") == lr
+    ]
+    return sorted(runs, key=lambda r: r["seed"])
+
+
+def plot_dtnh(summary: dict[str, Any], path: Path, max_rows: int = 6) -> Path | None:
+    """DTNH paper Figs. 3-5, one row per ``dtnh:X`` variant whose base ``X`` ran too (first seed each).
+
+    Fig. 3: empirical (task) loss and test loss per epoch, X vs dtnh:X (test loss needs
+    ``train.trace_test``; without it the validation loss is drawn and labelled so). Fig. 4: Angle 1
+    (d vs grad J) against Angle 3 (grad L vs grad J) per logged step. Fig. 5: Angle 2 (d vs grad Omega)
+    against Angle 4 (grad L vs grad Omega).
+    """
+    selected = summary["selected"]
+    pairs = [
+        (v[len("dtnh:") :], v)
+        for v in sorted(selected)
+        if v.startswith("dtnh:") and v[len("dtnh:") :] in selected and selected[v].get("status") == "ok"
+    ][:max_rows]
+    rows = []
+    for base, dtnh in pairs:
+        b, d = _chosen_histories(summary, base), _chosen_histories(summary, dtnh)
+        if b and d and "angles" in d[0]["diagnostics"]:
+            rows.append((base, dtnh, b[0], d[0]))
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), 3, figsize=(15, 3.4 * len(rows)), squeeze=False)
+    for (base, dtnh, b, d), (ax3, ax4, ax5) in zip(rows, axes, strict=True):
+        held_out = "test_loss" if "test_loss" in d["history"][0] else "val_loss"
+        for run, name, style in ((b, label(base), "--"), (d, label(dtnh), "-")):
+            epochs = [rec["epoch"] for rec in run["history"]]
+            (line,) = ax3.plot(
+                epochs, [rec["train_task"] for rec in run["history"]], style, label=f"{name}: empirical"
+            )
+            ax3.plot(
+                epochs,
+                [rec.get(held_out) for rec in run["history"]],
+                style,
+                color=line.get_color(),
+                alpha=0.5,
+                label=f"{name}: {held_out.replace('_', ' ')}",
+            )
+        ax3.set(xlabel="epoch", ylabel="loss", yscale="log", title=f"Fig. 3: losses (seed {d['seed']})")
+        angles = d["diagnostics"]["angles"]
+        steps = [i * max(1, d["diagnostics"].get("angle_every", 1)) for i in range(len(angles["d_vs_task"]))]
+        for ax, ours, ref, title in (
+            (ax4, "d_vs_task", "sum_vs_task", "Fig. 4: Angle 1 vs Angle 3 (to grad J)"),
+            (ax5, "d_vs_reg", "sum_vs_reg", "Fig. 5: Angle 2 vs Angle 4 (to grad Ω)"),
+        ):
+            ax.plot(steps, angles[ours], lw=0.8, label=f"DTNH direction d ({ours})")
+            ax.plot(steps, angles[ref], lw=0.8, alpha=0.7, label=f"plain sum grad L ({ref})")
+            ax.axhline(90, color="gray", lw=0.5)
+            ax.set(xlabel="step", ylabel="angle (degrees)", title=f"{title}\n{label(dtnh)}")
+        for ax in (ax3, ax4, ax5):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -42,6 +42,8 @@ def row_order(variant: str) -> tuple:
         return (1, level, "")
     if variant.startswith("finetune"):
         return (2, 0, variant)
+    if variant.startswith("dtnh:"):  # right below the method it corrects
+        return (3, 0, variant[len("dtnh:") :] + "\x01")
     return (3, 0, variant)
 
 
@@ -62,11 +64,36 @@ def relative_gain(entry: dict[str, Any], reference: dict[str, Any]) -> float:
     return 100.0 * (entry["test_mean"] - reference["test_mean"]) / reference["test_mean"]
 
 
-def _notes(entry: dict[str, Any], variant: str = "", best: tuple[str, dict[str, Any]] | None = None) -> str:
+_NO_TRANSFER = ("scratch", "random_guess", "knn")
+
+
+def _notes(
+    entry: dict[str, Any],
+    variant: str = "",
+    best: tuple[str, dict[str, Any]] | None = None,
+    selected: dict[str, dict[str, Any]] | None = None,
+) -> str:
     div = entry.get("diverged_lrs") or {}
     notes = [f"diverged at lr={lr} ({n} seeds)" for lr, n in div.items()]
-    if variant.startswith("ptu") and best is not None and entry.get("status") == "ok":
+    ok = entry.get("status") == "ok"
+    if variant.startswith("ptu") and best is not None and ok:
         notes.insert(0, f"Δ = {relative_gain(entry, best[1]):+.2f} % vs best FT-l ({label(best[0])})")
+    selected = selected or {}
+    base = selected.get(variant[len("dtnh:") :]) if variant.startswith("dtnh:") else None
+    if base is not None and ok and base.get("status") == "ok":
+        gain = 100 * (entry["test_mean"] - base["test_mean"])
+        notes.append(f"{gain:+.2f} points vs {variant[len('dtnh:') :]}")
+    if "corrected_fraction" in entry:
+        notes.append(f"gradients conflicted in {100 * entry['corrected_fraction']:.0f} % of steps")
+    scratch = selected.get("scratch")
+    if (
+        ok
+        and scratch is not None
+        and scratch.get("status") == "ok"
+        and variant not in _NO_TRANSFER
+        and entry["test_mean"] < scratch["test_mean"]
+    ):
+        notes.append("**negative transfer** (below scratch)")
     return "; ".join(notes)
 
 
@@ -94,7 +121,7 @@ def comparison_table(summary: dict[str, Any]) -> str:
         lr = "—" if e["lr"] is None else f"{e['lr']:g}"
         lines.append(
             f"| {label(variant)} | {lr} | {_pct(e['val_mean'], e['val_std'])} | "
-            f"{_pct(e['test_mean'], e['test_std'])} | {_notes(e, variant, best)} |"
+            f"{_pct(e['test_mean'], e['test_std'])} | {_notes(e, variant, best, selected)} |"
         )
     if best is not None:
         v, e = best
