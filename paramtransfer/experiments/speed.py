@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ def _steppers(spec: str, arch: str, batch: int, seed: int) -> tuple[Callable[[],
     gen = torch.Generator().manual_seed(seed)
     x = to_memory_format(torch.randn(batch, *source.in_shape, generator=gen), channels_last)
     y = torch.randint(0, 5, (batch,), generator=gen)
+    method.prepare(model, SimpleNamespace(train=SimpleNamespace(x=x, y=y)))
     optimizer = make_optimizer(method.param_groups(model), TrainConfig())
 
     def train_step() -> None:

@@ -69,6 +69,7 @@ def fit_probe(features: torch.Tensor, y: torch.Tensor, num_classes: int, steps: 
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     opt = torch.optim.LBFGS(head.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+    features = features.detach()
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -76,7 +77,8 @@ def fit_probe(features: torch.Tensor, y: torch.Tensor, num_classes: int, steps: 
         loss.backward()
         return loss
 
-    opt.step(closure)
+    with torch.enable_grad():
+        opt.step(closure)
     return head.requires_grad_(False)
 
 
@@ -122,8 +124,7 @@ def channel_attention(
     source.eval()
     try:
         num_classes = int(y.max()) + 1
-        with torch.enable_grad():
-            probe = fit_probe(source.embed(x), y, num_classes)
+        probe = fit_probe(source.embed(x), y, num_classes)
         base = F.cross_entropy(probe(source.embed(x)), y)
         weights = []
         for j in layers:

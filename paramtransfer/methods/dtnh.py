@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from paramtransfer.errors import UserError
-from paramtransfer.methods.base import METHODS, Method, register_method
+from paramtransfer.methods.base import METHODS, Method, make_method, parse_method_spec, register_method
 from paramtransfer.optim.dtnh import GRANULARITIES, angle_degrees, correct_tensors
 
 PREFIX = "dtnh:"
@@ -50,7 +50,8 @@ def with_dtnh(base: type[Method]) -> type[Method]:
     DTNH options:
         granularity: ``"global"`` (default, the paper: one projection over the whole parameter vector)
             or ``"tensor"`` (one projection per parameter tensor).
-        angle_every: log the four angles of Sec. V-D every this many steps (0: never).
+        angle_every: log the four angles of Sec. V-D at every this-many-th step of each epoch (0: never);
+            counting restarts each epoch so that the log is the same after a resume.
     """
     config = dataclasses.make_dataclass(
         f"DTNH{base.Config.__name__}",
@@ -65,7 +66,7 @@ def with_dtnh(base: type[Method]) -> type[Method]:
         reg_needs_graph = False  # a closed-form g_O needs no autograd graph for the regulariser
 
         def build(self, *args: Any, **kwargs: Any) -> nn.Module:
-            self._epoch: dict[str, Any] = {"steps": 0, "corrected": 0.0, "angles": []}
+            self._epoch: dict[str, Any] = _new_epoch()
             return super().build(*args, **kwargs)
 
         def backward(self, terms: dict[str, torch.Tensor], model: nn.Module) -> None:
@@ -99,6 +100,7 @@ def with_dtnh(base: type[Method]) -> type[Method]:
                 total = [a + b for a, b in zip(g_task, g_reg, strict=True)]
                 ep["angles"].append(
                     [
+                        ep["steps"],
                         angle_degrees(direction, g_task),
                         angle_degrees(direction, g_reg),
                         angle_degrees(total, g_task),
@@ -106,33 +108,62 @@ def with_dtnh(base: type[Method]) -> type[Method]:
                     ]
                 )
             ep["steps"] += 1
-            ep["corrected"] += corrected
+            ep["corrected"] += corrected > 0
+            ep["tensors_corrected"] += corrected
 
         def epoch_stats(self) -> dict[str, Any]:
             ep = self._epoch
-            self._epoch = {"steps": 0, "corrected": 0.0, "angles": []}
+            self._epoch = _new_epoch()
             if not ep["steps"]:
                 return {}
-            return {"dtnh_steps": ep["steps"], "dtnh_corrected": ep["corrected"], "dtnh_angles": ep["angles"]}
+            return {
+                "dtnh_steps": ep["steps"],
+                "dtnh_corrected": ep["corrected"],
+                "dtnh_tensors_corrected": ep["tensors_corrected"],
+                "dtnh_angles": ep["angles"],  # rows [step within the epoch, Angle 1, 2, 3, 4]
+            }
 
         def summarize_history(self, history: list[dict[str, Any]]) -> dict[str, Any]:
             steps = sum(rec.get("dtnh_steps", 0) for rec in history)
-            corrected = sum(rec.get("dtnh_corrected", 0.0) for rec in history)
-            rows = [row for rec in history for row in rec.get("dtnh_angles", [])]
-            angles = {name: [row[i] for row in rows] for i, name in enumerate(ANGLE_NAMES)}
+            corrected = sum(rec.get("dtnh_corrected", 0) for rec in history)
+            tensors = sum(rec.get("dtnh_tensors_corrected", 0.0) for rec in history)
+            rows, offset = [], 0
+            for rec in history:
+                rows += [[offset + row[0], *row[1:]] for row in rec.get("dtnh_angles", [])]
+                offset += rec.get("dtnh_steps", 0)
+            angles = {"step": [row[0] for row in rows]}
+            angles.update({name: [row[i + 1] for row in rows] for i, name in enumerate(ANGLE_NAMES)})
             out: dict[str, Any] = {
                 "corrected_fraction": corrected / steps if steps else 0.0,
+                "corrected_tensor_fraction": tensors / steps if steps else 0.0,
                 "granularity": self.config.granularity,
                 "angle_every": self.config.angle_every,
                 "angles": angles,
             }
-            for name, values in angles.items():
+            for name in ANGLE_NAMES:
+                values = angles[name]
                 finite = [v for v in values if v is not None]
                 out[f"mean_angle_{name}"] = sum(finite) / len(finite) if finite else None
             return out
 
     DTNH.__name__ = DTNH.__qualname__ = f"DTNH{base.__name__}"
     return DTNH
+
+
+def _new_epoch() -> dict[str, Any]:
+    return {"steps": 0, "corrected": 0, "tensors_corrected": 0.0, "angles": []}
+
+
+def dtnh_base(variant: str) -> str | None:
+    """The variant that ``dtnh:X[...]`` corrects: ``X`` with the same options minus DTNH's own.
+
+    Example: ``dtnh:l2sp[alpha=1,granularity=tensor]`` -> ``l2sp[alpha=1]``; not a dtnh variant -> None.
+    """
+    if not variant.startswith(PREFIX):
+        return None
+    name, options = parse_method_spec(variant)
+    own = {"granularity", "angle_every"}
+    return make_method(name[len(PREFIX) :], **{k: v for k, v in options.items() if k not in own}).variant()
 
 
 def register_dtnh(name: str) -> type[Method]:

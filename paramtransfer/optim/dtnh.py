@@ -46,15 +46,35 @@ def correct_direction(grad_task: torch.Tensor, grad_reg: torch.Tensor, lam: floa
         raise ValueError(f"correct_direction takes flat vectors; got shape {tuple(grad_task.shape)}")
     if not (grad_task.is_floating_point() and grad_reg.is_floating_point()):
         raise TypeError("correct_direction takes floating-point gradients")
-    dot = torch.dot(grad_task, grad_reg)
-    if dot < 0:
-        coeff = dot / torch.dot(grad_task, grad_task)  # dot < 0 implies ||g_J|| > 0
-        return grad_task + lam * (grad_reg - coeff * grad_task)
+    fixed = _conflict_free([grad_task], [grad_reg])
+    if fixed is not None:
+        return grad_task + lam * fixed[0]
     return grad_task + lam * grad_reg
 
 
 def _dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]
+
+
+def _conflict_free(
+    grads_task: Sequence[torch.Tensor], grads_reg: Sequence[torch.Tensor]
+) -> list[torch.Tensor] | None:
+    """``g_O^y = g_O - <g_J, g_O> / ||g_J||^2 * g_J`` (Eqs. 6-7) if ``<g_J, g_O> < 0``, else None.
+
+    The projection runs on ``u = g_J / max|g_J|``, which spans the same line: ``||u||^2 >= 1``, so a tiny
+    task gradient (whose squared norm would underflow, in float16 already at |g_J| ~ 1e-3) cannot
+    divide by zero or lose the sign of the correction.
+    """
+    acc = torch.promote_types(grads_task[0].dtype, torch.float32)  # half types accumulate in float32
+    task = [g.to(acc) for g in grads_task]
+    reg = [g.to(acc) for g in grads_reg]
+    zero = torch.zeros((), dtype=acc)
+    if not sum(_dots(task, reg), zero) < 0:
+        return None
+    scale = torch.stack([g.abs().max() for g in task]).max()
+    units = [g / scale for g in task]
+    coeff = sum(_dots(units, reg), zero) / sum(_dots(units, units), zero)
+    return [(r - coeff * u).to(g.dtype) for r, u, g in zip(reg, units, grads_reg, strict=True)]
 
 
 def correct_tensors(
@@ -74,20 +94,15 @@ def correct_tensors(
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity {granularity!r} is unknown; use one of {GRANULARITIES}")
-    dots = _dots(grads_task, grads_reg)
     if granularity == "global":
-        dot = torch.stack(dots).sum() if dots else torch.zeros(())
-        if dot < 0:
-            coeff = dot / torch.stack([g.pow(2).sum() for g in grads_task]).sum()
-            return [gj + lam * (gr - coeff * gj) for gj, gr in zip(grads_task, grads_reg, strict=True)], 1.0
-        return [gj + lam * gr for gj, gr in zip(grads_task, grads_reg, strict=True)], 0.0
+        fixed = _conflict_free(grads_task, grads_reg)
+        reg = fixed if fixed is not None else grads_reg
+        return [gj + lam * gr for gj, gr in zip(grads_task, reg, strict=True)], float(fixed is not None)
     out, corrected = [], 0
-    for gj, gr, dot in zip(grads_task, grads_reg, dots, strict=True):
-        if dot < 0:
-            corrected += 1
-            out.append(gj + lam * (gr - (dot / gj.pow(2).sum()) * gj))
-        else:
-            out.append(gj + lam * gr)
+    for gj, gr in zip(grads_task, grads_reg, strict=True):
+        fixed = _conflict_free([gj], [gr])
+        corrected += fixed is not None
+        out.append(gj + lam * (fixed[0] if fixed is not None else gr))
     return out, corrected / max(1, len(out))
 
 

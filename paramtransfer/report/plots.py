@@ -167,11 +167,13 @@ def plot_dtnh(summary: dict[str, Any], path: Path, max_rows: int = 6) -> Path | 
     (d vs grad J) against Angle 3 (grad L vs grad J) per logged step. Fig. 5: Angle 2 (d vs grad Omega)
     against Angle 4 (grad L vs grad Omega).
     """
+    from paramtransfer.report.tables import corrected_base
+
     selected = summary["selected"]
     pairs = [
-        (v[len("dtnh:") :], v)
+        (base, v)
         for v in sorted(selected)
-        if v.startswith("dtnh:") and v[len("dtnh:") :] in selected and selected[v].get("status") == "ok"
+        if (base := corrected_base(v)) in selected and selected[v].get("status") == "ok"
     ][:max_rows]
     rows = []
     for base, dtnh in pairs:
@@ -198,7 +200,7 @@ def plot_dtnh(summary: dict[str, Any], path: Path, max_rows: int = 6) -> Path | 
             )
         ax3.set(xlabel="epoch", ylabel="loss", yscale="log", title=f"Fig. 3: losses (seed {d['seed']})")
         angles = d["diagnostics"]["angles"]
-        steps = [i * max(1, d["diagnostics"].get("angle_every", 1)) for i in range(len(angles["d_vs_task"]))]
+        steps = angles.get("step") or list(range(len(angles["d_vs_task"])))
         for ax, ours, ref, title in (
             (ax4, "d_vs_task", "sum_vs_task", "Fig. 4: Angle 1 vs Angle 3 (to grad J)"),
             (ax5, "d_vs_reg", "sum_vs_reg", "Fig. 5: Angle 2 vs Angle 4 (to grad Ω)"),

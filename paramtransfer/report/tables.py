@@ -42,8 +42,9 @@ def row_order(variant: str) -> tuple:
         return (1, level, "")
     if variant.startswith("finetune"):
         return (2, 0, variant)
-    if variant.startswith("dtnh:"):  # right below the method it corrects
-        return (3, 0, variant[len("dtnh:") :] + "\x01")
+    base = corrected_base(variant)
+    if base is not None:  # right below the method it corrects
+        return (3, 0, base + "\x01" + variant)
     return (3, 0, variant)
 
 
@@ -67,6 +68,17 @@ def relative_gain(entry: dict[str, Any], reference: dict[str, Any]) -> float:
 _NO_TRANSFER = ("scratch", "random_guess", "knn")
 
 
+def corrected_base(variant: str) -> str | None:
+    """The variant a ``dtnh:`` variant corrects (None for others, or when it no longer parses)."""
+    from paramtransfer.errors import UserError
+    from paramtransfer.methods.dtnh import dtnh_base
+
+    try:
+        return dtnh_base(variant)
+    except UserError:
+        return None
+
+
 def _notes(
     entry: dict[str, Any],
     variant: str = "",
@@ -79,10 +91,11 @@ def _notes(
     if variant.startswith("ptu") and best is not None and ok:
         notes.insert(0, f"Δ = {relative_gain(entry, best[1]):+.2f} % vs best FT-l ({label(best[0])})")
     selected = selected or {}
-    base = selected.get(variant[len("dtnh:") :]) if variant.startswith("dtnh:") else None
+    base_name = corrected_base(variant)
+    base = selected.get(base_name) if base_name is not None else None
     if base is not None and ok and base.get("status") == "ok":
         gain = 100 * (entry["test_mean"] - base["test_mean"])
-        notes.append(f"{gain:+.2f} points vs {variant[len('dtnh:') :]}")
+        notes.append(f"{gain:+.2f} points vs {base_name}")
     if "corrected_fraction" in entry:
         notes.append(f"gradients conflicted in {100 * entry['corrected_fraction']:.0f} % of steps")
     scratch = selected.get("scratch")
