@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import paramtransfer as pt
 from paramtransfer.errors import UserError
@@ -60,11 +61,31 @@ def test_eq2_linear_against_hand_computation() -> None:
     torch.testing.assert_close(u.last_z, torch.tensor([z]))
 
 
-@pytest.mark.parametrize("separable", [True, False])
+@pytest.mark.parametrize(
+    ("separable", "depthwise", "kernel_size"),
+    [
+        (True, "shared", 3),
+        (True, "per_channel", 3),
+        (True, "shared", 1),
+        (True, "shared", 5),
+        (False, "shared", 3),
+    ],
+)
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
-def test_eq2_conv_matches_the_formula_with_its_own_convolutions(separable: bool, activation: str) -> None:
+def test_eq2_conv_matches_the_formula_with_its_own_convolutions(
+    separable: bool, depthwise: str, kernel_size: int, activation: str
+) -> None:
     torch.manual_seed(0)
-    u = PTU(3, kind="conv", activation=activation, separable=separable, gate_bias_r=0.3, gate_bias_z=-0.4)
+    u = PTU(
+        3,
+        kind="conv",
+        activation=activation,
+        separable=separable,
+        kernel_size=kernel_size,
+        depthwise=depthwise,
+        gate_bias_r=0.3,
+        gate_bias_z=-0.4,
+    )
     hs, ht = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5)
     x = torch.cat([hs, ht], 1)
     r = torch.sigmoid(u.gate_r(x))  # W^r [h^S, h^T] by the unit's own (unfused) modules
@@ -74,6 +95,33 @@ def test_eq2_conv_matches_the_formula_with_its_own_convolutions(separable: bool,
     expected = (1 - z) * ht + z * hf
     torch.testing.assert_close(u(hs, ht), expected, rtol=1e-5, atol=1e-6)
     assert isinstance(u.gate_r, SeparableConv2d) == separable
+
+
+def test_shared_depthwise_filter_is_one_kernel_for_every_channel() -> None:
+    """The paper: "in the depth-wise convolution step, a single filter is shared across all the channels"."""
+    torch.manual_seed(0)
+    conv = SeparableConv2d(4, 2, 3, shared=True)
+    assert conv.depthwise_weight.shape == (1, 1, 3, 3)
+    x = torch.randn(2, 4, 6, 6)
+    kernel = conv.depthwise_weight[0, 0]
+    by_hand = torch.stack(
+        [F.conv2d(x[:, c : c + 1], kernel.view(1, 1, 3, 3), padding=1)[:, 0] for c in range(4)], 1
+    )
+    torch.testing.assert_close(conv.depthwise(x), by_hand)
+    # one filter commutes with the point-wise step (zero padding maps to zero): the fused gates rely on it
+    pw = conv.pointwise
+    torch.testing.assert_close(
+        F.conv2d(conv.depthwise(x), pw.weight), conv.depthwise(F.conv2d(x, pw.weight)), rtol=1e-5, atol=1e-5
+    )
+    per_channel = SeparableConv2d(4, 2, 3, shared=False)
+    assert per_channel.depthwise_weight.shape == (4, 1, 3, 3)
+
+
+def test_ptu_depthwise_option_is_validated() -> None:
+    with pytest.raises(UserError, match="depthwise"):
+        PTU(3, kind="conv", depthwise="grouped")
+    with pytest.raises(UserError, match="depthwise"):
+        make_method("ptu[depthwise=grouped]")
 
 
 def test_contract_shapes_of_linear_gates() -> None:

@@ -38,11 +38,12 @@ def _steppers(spec: str, arch: str, batch: int, seed: int) -> tuple[Callable[[],
     y = torch.randint(0, 5, (batch,), generator=gen)
     method.prepare(model, SimpleNamespace(train=SimpleNamespace(x=x, y=y)))
     optimizer = make_optimizer(method.param_groups(model), TrainConfig())
+    extra = {"index": torch.arange(batch)} if method.wants_batch_index else {}  # x is the "training set"
 
     def train_step() -> None:
         model.train()
         keep_frozen_batchnorm(model)
-        terms = method.loss_terms(model, x, y)
+        terms = method.loss_terms(model, x, y, **extra)
         optimizer.zero_grad(set_to_none=True)
         method.backward(terms, model)
         optimizer.step()

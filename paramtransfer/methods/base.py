@@ -58,6 +58,8 @@ class Method:
     trains: ClassVar[bool] = True
     needs_source: ClassVar[bool] = True
     regularized: ClassVar[bool] = False  # has loss terms besides "task" (then ``dtnh:<name>`` exists)
+    # the trainer then calls loss_terms(..., index=i) with the batch's row indices into task.train
+    wants_batch_index: ClassVar[bool] = False
     supported_archs: ClassVar[tuple[str, ...] | None] = None  # None: any LayeredNet
 
     def __init__(self, config: MethodConfig | None = None) -> None:

@@ -255,7 +255,8 @@ def fit(
         seen = 0
         perm = torch.randperm(n, generator=shuffle)
         for idx in batches(n, config.batch_size, config.min_last_batch, perm):
-            terms = method.loss_terms(model, x_train[idx], y_train[idx])
+            extra = {"index": idx} if getattr(method, "wants_batch_index", False) else {}
+            terms = method.loss_terms(model, x_train[idx], y_train[idx], **extra)
             total = sum(terms.values())
             if not torch.isfinite(total):
                 out.diverged = True
