@@ -13,7 +13,7 @@ import paramtransfer as pt
 from paramtransfer.errors import UserError
 from paramtransfer.methods.base import make_method
 from paramtransfer.methods.ptu import PTU, SeparableConv2d, group_lasso
-from paramtransfer.train.trainer import TrainConfig, fit
+from paramtransfer.train.trainer import TrainConfig, fit, keep_frozen_batchnorm
 
 
 def _sigmoid(v: float) -> float:
@@ -301,3 +301,55 @@ def test_group_lasso_and_regulariser_by_hand(tiny_source: pt.LayeredNet) -> None
     assert set(terms) == {"task", "reg"}
     plain, model2 = _build("ptu", tiny_source)
     assert set(plain.loss_terms(model2, torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))) == {"task"}
+
+
+# ---- speed machinery: the source-activation cache and the hand-written backward of Eq. 2 ------------------
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 4, 4)])
+def test_hand_written_backward_of_eq2_matches_finite_differences(relu: bool, shape: tuple) -> None:
+    from paramtransfer.methods.ptu import _GatedMix
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(shape[0], 2 * shape[1], *shape[2:], generator=gen, dtype=torch.double)
+    args = [logits] + [torch.randn(*shape, generator=gen, dtype=torch.double) for _ in range(3)]
+    args = [a.requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(lambda a, b, c, d: _GatedMix.apply(a, b, c, d, relu)[0], args)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_source", "tiny_resnet_source", "tiny_rnn_source"])
+def test_cached_source_activations_give_the_same_loss_as_running_the_source(
+    fixture: str, request: pytest.FixtureRequest, tiny_task: pt.Task
+) -> None:
+    source = request.getfixturevalue(fixture)
+    method, model = _build("ptu_rnn" if source.arch == "rnn" else "ptu", source)
+    method.prepare(model, tiny_task)
+    assert method._cache is not None
+    model.train()
+    keep_frozen_batchnorm(model)  # as the trainer does: the frozen source normalises with its own stats
+    idx = torch.tensor([3, 0, 7, 5])
+    x, y = tiny_task.train.x[idx], tiny_task.train.y[idx]
+    torch.manual_seed(0)
+    cached = method.loss_terms(model, x, y, index=idx)["task"]
+    torch.manual_seed(0)
+    live = method.loss_terms(model, x, y)["task"]
+    torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-6)
+    # a wrong index must change the loss: the cache really is looked up by example
+    assert not torch.allclose(method.loss_terms(model, x, y, index=idx.flip(0))["task"], live)
+
+
+def test_source_cache_can_be_turned_off_and_respects_its_budget(
+    tiny_source: pt.LayeredNet, tiny_task: pt.Task
+) -> None:
+    off, model = _build("ptu[source_cache_mb=0]", tiny_source)
+    off.prepare(model, tiny_task)
+    assert off._cache is None
+    tiny_budget, model = _build("ptu[source_cache_mb=1e-6]", tiny_source)
+    tiny_budget.prepare(model, tiny_task)
+    assert tiny_budget._cache is None
+    with pytest.raises(UserError, match="source_cache_mb"):
+        make_method("ptu[source_cache_mb=-1]")
+    # training without the cache still works and gives finite losses
+    out = fit(model, tiny_budget, tiny_task, TrainConfig(epochs=1, batch_size=8, patience=None))
+    assert math.isfinite(out.history[0]["train_task"])
