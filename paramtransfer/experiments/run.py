@@ -83,6 +83,22 @@ def _source_identity(source: LayeredNet | None) -> str:
     return h.hexdigest()[:16]
 
 
+# Training options that only add records to the history: at these values they are left out of a run's
+# fingerprint, so that results from before the option existed are still reused.
+_OBSERVATIONAL_DEFAULTS = {"trace_test": False}
+
+
+def _fingerprint(identity: list[Any], *, omit_defaults: bool) -> str:
+    if omit_defaults and identity[4].get("train"):
+        train = dict(identity[4]["train"])
+        for key, default in _OBSERVATIONAL_DEFAULTS.items():
+            if train.get(key) == default:
+                train.pop(key)
+        identity = [*identity[:4], {**identity[4], "train": train}, *identity[5:]]
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
 def _count(params: Any) -> int:
     return int(sum(p.numel() for p in params))
 
@@ -147,20 +163,16 @@ def train_model(
         "data": {"val_shots": val_shots, "limit": limit, "test_limit": test_limit},
         "arch_kwargs": dict(arch_kwargs or (source.arch_kwargs if source is not None else {})),
     }
-    fingerprint = hashlib.sha1(
-        json.dumps(
-            [m.variant(), task.spec, seed, run_arch, config, _source_identity(source)],
-            sort_keys=True,
-            default=str,
-        ).encode()
-    ).hexdigest()[:16]
+    identity = [m.variant(), task.spec, seed, run_arch, config, _source_identity(source)]
+    fingerprint = _fingerprint(identity, omit_defaults=True)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None and (out_dir / RESULT).is_file():
         try:
             old = RunResult.load(out_dir / RESULT)
         except (json.JSONDecodeError, TypeError, KeyError):
             old = None
-        if old is not None and old.fingerprint == fingerprint:
+        # results written before the omission of observational defaults carry the full fingerprint
+        if old is not None and old.fingerprint in (fingerprint, _fingerprint(identity, omit_defaults=False)):
             return old, None
 
     t0 = time.perf_counter()
