@@ -842,20 +842,20 @@ def test_report_marks_negative_transfer_and_dtnh_gain(tmp_path: Path) -> None:
     assert summary["selected"]["dtnh:l2sp"]["corrected_fraction"] == pytest.approx(0.5)
     assert "corrected_fraction" not in summary["selected"]["l2sp"]
     table = comparison_table(summary)
-    assert "negative transfer" in _row(table, "l2sp")
+    assert "negative transfer" in _row(table, "l2sp[alpha=0.1]")  # the default strength is named
     assert "negative transfer" not in _row(table, "fine-tune (FT-0)")
     assert "negative transfer" not in _row(table, "scratch (NoTL)")
-    dtnh = _row(table, "dtnh:l2sp")
-    assert "+4.50 points vs l2sp" in dtnh
+    dtnh = _row(table, "dtnh:l2sp[alpha=0.1]")
+    assert "+4.50 points vs l2sp[alpha=0.1]" in dtnh
     assert "gradients conflicted in 50 % of steps" in dtnh
     assert "negative transfer" in dtnh  # 0.665 is still below scratch
     names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
-    assert names.index("dtnh:l2sp") == names.index("l2sp") + 1
+    assert names.index("dtnh:l2sp[alpha=0.1]") == names.index("l2sp[alpha=0.1]") + 1
 
     # DTNH worse than its base: a negative gain, and no negative transfer above scratch
     worse = [r for r in runs if r.method != "l2sp"] + [_result("l2sp", s, 0.9, 0.9) for s in (0, 1)]
     row = _row(comparison_table(_summary(worse)), "dtnh:l2sp")
-    assert "-23.50 points vs l2sp" in row
+    assert "-23.50 points vs l2sp[alpha=0.1]" in row
 
     path = plot_dtnh(summary, tmp_path / "dtnh.png")
     assert path is not None and path.read_bytes()[:8] == PNG
@@ -872,7 +872,9 @@ def test_report_pairs_dtnh_variants_with_their_options_to_the_base(tmp_path: Pat
     runs = [_result("l2sp", s, 0.6, 0.6) for s in (0, 1)]
     runs += [_result("dtnh:l2sp[granularity=tensor]", s, 0.7, 0.65, angles=True) for s in (0, 1)]
     summary = _summary(runs)
-    assert "+5.00 points vs l2sp" in _row(comparison_table(summary), "dtnh:l2sp[granularity=tensor]")
+    assert "+5.00 points vs l2sp[alpha=0.1]" in _row(
+        comparison_table(summary), "dtnh:l2sp[granularity=tensor]"
+    )
     assert plot_dtnh(summary, tmp_path / "dtnh.png") is not None
 
 

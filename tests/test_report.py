@@ -48,7 +48,10 @@ def summary() -> dict:
 def test_labels() -> None:
     assert label("finetune[freeze=3]") == "FT-3"
     assert label("finetune") == "fine-tune (FT-0)"
-    assert label("l2sp") == "l2sp"
+    assert label("l2sp") == "l2sp[alpha=0.1]"  # a regulariser at its default strength names it
+    assert label("dtnh:knowdist") == "knowdist[beta=0.01]".join(["dtnh:", ""])
+    assert label("l2sp[alpha=1]") == "l2sp[alpha=1]"
+    assert label("ptu") == "ptu"
 
 
 def test_best_ft_is_chosen_on_validation_not_test(summary: dict) -> None:

@@ -16,7 +16,7 @@ smaller temperature sharpens them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +162,7 @@ class Delta(KnowDist):
 
     Config = DeltaConfig
     regularized = True
+    strength_option: ClassVar[str] = "alpha"  # the coefficient a report names
 
     def build(
         self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int

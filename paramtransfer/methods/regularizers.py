@@ -7,7 +7,7 @@ Eq. 1); they return it as a separate loss term ``"reg"`` so that DTNH can correc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ class L2SP(Method):
 
     Config = L2SPConfig
     regularized = True
+    strength_option: ClassVar[str] = "alpha"  # the coefficient a report names
     reg_needs_graph = True  # DTNH uses reg_gradients() instead and turns this off
 
     def build(
@@ -128,6 +129,7 @@ class KnowDist(Method):
 
     Config = KnowDistConfig
     regularized = True
+    strength_option: ClassVar[str] = "beta"  # the coefficient a report names
 
     def build(
         self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int

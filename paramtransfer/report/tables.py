@@ -9,10 +9,15 @@ _FREEZE = re.compile(r"^finetune\[freeze=(\d+)\]$")
 
 
 def label(variant: str) -> str:
-    """A reader's name for a method variant (``finetune[freeze=2]`` -> ``FT-2``)."""
+    """A reader's name for a method variant (``finetune[freeze=2]`` -> ``FT-2``; a regulariser at its
+    default strength shows it: ``l2sp`` -> ``l2sp[alpha=0.1]``)."""
     m = _FREEZE.match(variant)
     if m:
         return f"FT-{m.group(1)}"
+    if "[" not in variant:
+        strength = _default_strength(variant)
+        if strength is not None:
+            return f"{variant}[{strength}]"
     return {
         "scratch": "scratch (NoTL)",
         "finetune": "fine-tune (FT-0)",
@@ -20,6 +25,16 @@ def label(variant: str) -> str:
         "random_guess": "random guess",
         "knn": "K-NN",
     }.get(variant, variant)
+
+
+def _default_strength(name: str) -> str | None:
+    from paramtransfer.methods.base import METHODS
+
+    if name not in METHODS:
+        return None
+    cls = METHODS.get(name)
+    option = getattr(cls, "strength_option", None)
+    return f"{option}={getattr(cls.Config(), option)}" if option else None
 
 
 def ft_level(variant: str) -> int | None:
@@ -95,7 +110,7 @@ def _notes(
     base = selected.get(base_name) if base_name is not None else None
     if base is not None and ok and base.get("status") == "ok":
         gain = 100 * (entry["test_mean"] - base["test_mean"])
-        notes.append(f"{gain:+.2f} points vs {base_name}")
+        notes.append(f"{gain:+.2f} points vs {label(base_name)}")
     if "corrected_fraction" in entry:
         notes.append(f"gradients conflicted in {100 * entry['corrected_fraction']:.0f} % of steps")
     scratch = selected.get("scratch")
