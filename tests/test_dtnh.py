@@ -854,7 +854,7 @@ def test_report_marks_negative_transfer_and_dtnh_gain(tmp_path: Path) -> None:
 
     # DTNH worse than its base: a negative gain, and no negative transfer above scratch
     worse = [r for r in runs if r.method != "l2sp"] + [_result("l2sp", s, 0.9, 0.9) for s in (0, 1)]
-    row = _row(comparison_table(_summary(worse)), "dtnh:l2sp")
+    row = _row(comparison_table(_summary(worse)), "dtnh:l2sp[alpha=0.1]")
     assert "-23.50 points vs l2sp[alpha=0.1]" in row
 
     path = plot_dtnh(summary, tmp_path / "dtnh.png")
