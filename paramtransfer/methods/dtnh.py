@@ -28,7 +28,7 @@ from torch import nn
 
 from paramtransfer.errors import UserError
 from paramtransfer.methods.base import METHODS, Method, make_method, parse_method_spec, register_method
-from paramtransfer.optim.dtnh import GRANULARITIES, angle_degrees, correct_tensors
+from paramtransfer.optim.dtnh import GRANULARITIES, correct
 
 PREFIX = "dtnh:"
 ANGLE_NAMES = ("d_vs_task", "d_vs_reg", "sum_vs_task", "sum_vs_reg")  # Angles 1, 2, 3, 4 (Sec. V-D)
@@ -78,7 +78,7 @@ def with_dtnh(base: type[Method]) -> type[Method]:
                 task.backward()
                 g_task = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 reg_grads = closed_form()
-                g_reg = [reg_grads.get(p, torch.zeros_like(p)) for p in params]
+                g_reg = [reg_grads[p] if p in reg_grads else torch.zeros_like(p) for p in params]
             else:
                 reg = sum(reg_terms, torch.zeros(()))
                 g_task = list(
@@ -88,28 +88,16 @@ def with_dtnh(base: type[Method]) -> type[Method]:
                     g_reg = list(torch.autograd.grad(reg, params, materialize_grads=True))
                 else:
                     g_reg = [torch.zeros_like(p) for p in params]
-            direction, corrected = correct_tensors(g_task, g_reg, 1.0, self.config.granularity)
-            for p, d in zip(params, direction, strict=True):
+            result = correct(g_task, g_reg, 1.0, self.config.granularity)
+            for p, d in zip(params, result.direction, strict=True):
                 p.grad = d
-            self._record(g_task, g_reg, direction, corrected)
-
-        def _record(self, g_task: list, g_reg: list, direction: list, corrected: float) -> None:
             ep = self._epoch
             every = self.config.angle_every
             if every and ep["steps"] % every == 0:
-                total = [a + b for a, b in zip(g_task, g_reg, strict=True)]
-                ep["angles"].append(
-                    [
-                        ep["steps"],
-                        angle_degrees(direction, g_task),
-                        angle_degrees(direction, g_reg),
-                        angle_degrees(total, g_task),
-                        angle_degrees(total, g_reg),
-                    ]
-                )
+                ep["angles"].append([ep["steps"], *result.angles])
             ep["steps"] += 1
-            ep["corrected"] += corrected > 0
-            ep["tensors_corrected"] += corrected
+            ep["corrected"] += result.corrected > 0
+            ep["tensors_corrected"] += result.corrected
 
         def epoch_stats(self) -> dict[str, Any]:
             ep = self._epoch

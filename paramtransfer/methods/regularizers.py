@@ -66,7 +66,9 @@ class L2SP(Method):
     def reg_gradients(self) -> dict[nn.Parameter, torch.Tensor]:
         """The closed-form gradient of :meth:`regularizer` for each parameter (no backward pass)."""
         c: L2SPConfig = self.config  # type: ignore[assignment]
-        grads = {p: c.alpha * (p.detach() - a) for p, a in zip(self.transferred, self.anchors, strict=True)}
+        moved = torch._foreach_sub([p.detach() for p in self.transferred], self.anchors)
+        torch._foreach_mul_(moved, c.alpha)
+        grads = dict(zip(self.transferred, moved, strict=True))
         grads.update({p: c.beta * p.detach() for p in self.head_params})
         return grads
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -46,35 +47,98 @@ def correct_direction(grad_task: torch.Tensor, grad_reg: torch.Tensor, lam: floa
         raise ValueError(f"correct_direction takes flat vectors; got shape {tuple(grad_task.shape)}")
     if not (grad_task.is_floating_point() and grad_reg.is_floating_point()):
         raise TypeError("correct_direction takes floating-point gradients")
-    fixed = _conflict_free([grad_task], [grad_reg])
-    if fixed is not None:
-        return grad_task + lam * fixed[0]
-    return grad_task + lam * grad_reg
+    return correct_tensors([grad_task], [grad_reg], lam)[0][0]
 
 
 def _dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]
 
 
-def _conflict_free(
-    grads_task: Sequence[torch.Tensor], grads_reg: Sequence[torch.Tensor]
-) -> list[torch.Tensor] | None:
-    """``g_O^y = g_O - <g_J, g_O> / ||g_J||^2 * g_J`` (Eqs. 6-7) if ``<g_J, g_O> < 0``, else None.
+@dataclass
+class Correction:
+    """The result of :func:`correct`: the direction and what it took.
 
-    The projection runs on ``u = g_J / max|g_J|``, which spans the same line: ``||u||^2 >= 1``, so a tiny
-    task gradient (whose squared norm would underflow, in float16 already at |g_J| ~ 1e-3) cannot
-    divide by zero or lose the sign of the correction.
+    Attributes:
+        direction: ``d``, one tensor per parameter.
+        corrected: fraction of projections applied (global: 0 or 1; tensor: fraction of tensors).
+        angles: Angles 1-4 of Sec. V-D in degrees (None where a vector is zero): ``d`` vs ``g_J``,
+            ``d`` vs ``g_O``, ``g_J + lam g_O`` vs ``g_J``, ``g_J + lam g_O`` vs ``g_O``.
     """
-    acc = torch.promote_types(grads_task[0].dtype, torch.float32)  # half types accumulate in float32
+
+    direction: list[torch.Tensor]
+    corrected: float
+    angles: tuple[float | None, float | None, float | None, float | None]
+
+
+def _angle(dot: float, sq_a: float, sq_b: float) -> float | None:
+    if sq_a <= 0.0 or sq_b <= 0.0:
+        return None
+    return math.degrees(math.acos(max(-1.0, min(1.0, dot / math.sqrt(sq_a * sq_b)))))
+
+
+def _projection_coeff(task: list[torch.Tensor], reg: list[torch.Tensor], jo: float, jj: float) -> float:
+    """``<g_J, g_O> / ||g_J||^2``. When ``||g_J||^2`` underflows (float16 already at |g_J| ~ 1e-3), it is
+    computed on ``u = g_J / max|g_J|`` instead (``||u||^2 >= 1``) and scaled back."""
+    if jj > 1e-30 and math.isfinite(jo / jj):
+        return jo / jj
+    scale = float(torch.stack([g.abs().max() for g in task]).max())
+    units = [g / scale for g in task]
+    uo = float(sum(_dots(units, reg), torch.zeros(())))
+    uu = float(sum(_dots(units, units), torch.zeros(())))
+    return uo / uu / scale
+
+
+def correct(
+    grads_task: Sequence[torch.Tensor],
+    grads_reg: Sequence[torch.Tensor],
+    lam: float = 1.0,
+    granularity: str = "global",
+) -> Correction:
+    """Algorithm 1 over parameter-shaped gradients, with the angles of Sec. V-D.
+
+    Three inner products per tensor (``<g_J,g_J>``, ``<g_J,g_O>``, ``<g_O,g_O>``) give the projection
+    coefficients and, since ``d = (1 - lam k) g_J + lam g_O``, all four angles without another pass over
+    the gradients; the direction itself is one fused pass per tensor. Half-precision gradients are
+    combined in float32 and cast back.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity {granularity!r} is unknown; use one of {GRANULARITIES}")
+    acc = torch.promote_types(grads_task[0].dtype, torch.float32) if grads_task else torch.float32
     task = [g.to(acc) for g in grads_task]
     reg = [g.to(acc) for g in grads_reg]
-    zero = torch.zeros((), dtype=acc)
-    if not sum(_dots(task, reg), zero) < 0:
-        return None
-    scale = torch.stack([g.abs().max() for g in task]).max()
-    units = [g / scale for g in task]
-    coeff = sum(_dots(units, reg), zero) / sum(_dots(units, units), zero)
-    return [(r - coeff * u).to(g.dtype) for r, u, g in zip(reg, units, grads_reg, strict=True)]
+    jj = [float(v) for v in _dots(task, task)]
+    jo = [float(v) for v in _dots(task, reg)]
+    oo = [float(v) for v in _dots(reg, reg)]
+    groups = [list(range(len(task)))] if granularity == "global" else [[i] for i in range(len(task))]
+    a = [1.0] * len(task)  # d_t = a_t g_J,t + lam g_O,t
+    corrected = 0
+    for idx in groups:
+        dot = sum(jo[i] for i in idx)
+        if dot < 0:
+            sub_task, sub_reg = [task[i] for i in idx], [reg[i] for i in idx]
+            k = _projection_coeff(sub_task, sub_reg, dot, sum(jj[i] for i in idx))
+            corrected += 1
+            for i in idx:
+                a[i] = 1.0 - lam * k
+    direction = []
+    for i, (gj, gr) in enumerate(zip(task, reg, strict=True)):
+        if a[i] == 1.0:
+            d = gj + gr if lam == 1.0 else gj + lam * gr
+        else:
+            d = torch.add(gr, gj, alpha=a[i]) if lam == 1.0 else gj * a[i] + lam * gr
+        direction.append(d.to(grads_task[i].dtype))
+    sjj, sjo, soo = sum(jj), sum(jo), sum(oo)
+    d_j = sum(a[i] * jj[i] + lam * jo[i] for i in range(len(a)))
+    d_o = sum(a[i] * jo[i] + lam * oo[i] for i in range(len(a)))
+    d_d = sum(a[i] ** 2 * jj[i] + 2 * a[i] * lam * jo[i] + lam**2 * oo[i] for i in range(len(a)))
+    l_l = sjj + 2 * lam * sjo + lam**2 * soo
+    angles = (
+        _angle(d_j, d_d, sjj),
+        _angle(d_o, d_d, soo),
+        _angle(sjj + lam * sjo, l_l, sjj),
+        _angle(sjo + lam * soo, l_l, soo),
+    )
+    return Correction(direction, corrected / max(1, len(groups)), angles)
 
 
 def correct_tensors(
@@ -92,18 +156,8 @@ def correct_tensors(
         the direction, one tensor per parameter, and the fraction of projections applied (0 or 1 for
         ``"global"``; the fraction of tensors in conflict for ``"tensor"``).
     """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity {granularity!r} is unknown; use one of {GRANULARITIES}")
-    if granularity == "global":
-        fixed = _conflict_free(grads_task, grads_reg)
-        reg = fixed if fixed is not None else grads_reg
-        return [gj + lam * gr for gj, gr in zip(grads_task, reg, strict=True)], float(fixed is not None)
-    out, corrected = [], 0
-    for gj, gr in zip(grads_task, grads_reg, strict=True):
-        fixed = _conflict_free([gj], [gr])
-        corrected += fixed is not None
-        out.append(gj + lam * (fixed[0] if fixed is not None else gr))
-    return out, corrected / max(1, len(out))
+    out = correct(grads_task, grads_reg, lam, granularity)
+    return out.direction, out.corrected
 
 
 def angle_degrees(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float | None:
