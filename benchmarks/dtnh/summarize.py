@@ -60,7 +60,8 @@ def main() -> None:
             floor = scratch["test_mean"]
             print(
                 f"| {name} | {100 * floor:.2f} | {100 * ft['test_mean']:.2f} | {label(base)} | "
-                f"{_acc(b, floor)} | {_acc(d, floor)} | {gain:+.2f} | {100 * d.get('corrected_fraction', 0):.0f} % |"
+                f"{_acc(b, floor)} | {_acc(d, floor)} | {gain:+.2f} | "
+                f"{100 * d.get('corrected_fraction', 0):.0f} % |"
             )
     print()
     print(f"{total} regulariser settings; DTNH lower than the regulariser alone in {len(hurt)}.")
