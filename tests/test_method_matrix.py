@@ -49,6 +49,10 @@ EXPECTED_TRAINABLE: dict[str, Callable[[str], bool]] = {
     "dtnh:l2sp": lambda name: True,
     "dtnh:knowdist": lambda name: name.startswith("target."),
     "dtnh:delta": lambda name: name.startswith("target."),
+    "spottune": lambda name: name.startswith(("tuned.", "policy.", "net.head.", "net.module.classifier.1.")),
+    "spottune_global": lambda name: name.startswith(
+        ("tuned.", "policy.", "net.head.", "net.module.classifier.1.")
+    ),
     "ptu": lambda name: name.startswith(("target.", "units.")),
     "ptu_rnn": lambda name: name.startswith(("target.", "units.")),
 }

@@ -466,3 +466,23 @@ def test_registry_double_registration() -> None:
     with pytest.raises(ValueError, match="already registered"):
         MODELS.register("lenet")(lambda num_classes: None)
     assert MODELS.get("lenet") is not None and "lenet" in ZOO
+
+
+def test_strided_shortcut_is_a_strided_pointwise_convolution() -> None:
+    from paramtransfer.models.zoo import StridedPointwise
+
+    torch.manual_seed(0)
+    conv, ours = nn.Conv2d(8, 16, 1, 2, bias=False), StridedPointwise(8, 16, 2)
+    ours.load_state_dict(conv.state_dict())  # same parameters, same names
+    for size in (9, 28):
+        x = torch.randn(3, 8, size, size)
+        torch.testing.assert_close(ours(x), conv(x))
+
+
+def test_resnet_trains_channels_last_at_a_batch_that_crashed_oneDNN() -> None:
+    """torch 2.13 CPU: the weight gradient of a strided 1x1 conv in channels-last corrupted the heap for
+    8 -> 16 channels at 28x28 and a batch of 25; the zoo's shortcut must not take that path."""
+    net = pt.build_model("resnet20", num_classes=5, seed=0, width=8).to(memory_format=torch.channels_last)
+    x = torch.randn(25, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    net(x).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())

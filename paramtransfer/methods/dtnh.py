@@ -14,8 +14,8 @@ the optimizer (SGD, momentum, Adam, with clipping and weight decay) step as usua
 The loss terms arrive already weighted (``"reg"`` is ``lambda * Omega``); projecting ``lambda * g_O``
 and adding it is the same as ``g_J + lambda * g_O^y``, so the correction runs with ``lam = 1``.
 
-Every method registered with ``regularized = True`` gets a ``dtnh:`` twin at import; a user's own
-regularised method can be added with :func:`register_dtnh`.
+Every method registered with ``regularized = True`` gets a ``dtnh:`` twin when ``paramtransfer.methods``
+is imported; a user's own regularised method can be added with :func:`register_dtnh`.
 """
 
 from __future__ import annotations
@@ -162,6 +162,8 @@ def register_dtnh(name: str) -> type[Method]:
     return register_method(PREFIX + name)(with_dtnh(base))
 
 
-for _name in METHODS.names():
-    if getattr(METHODS.get(_name), "regularized", False):
-        register_dtnh(_name)
+def register_twins() -> None:
+    """Register ``dtnh:<name>`` for every registered regularised method that has none yet."""
+    for name in METHODS.names():
+        if getattr(METHODS.get(name), "regularized", False) and PREFIX + name not in METHODS:
+            register_dtnh(name)

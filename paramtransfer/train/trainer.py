@@ -278,6 +278,7 @@ def fit(
             sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) * b
         if out.diverged:
             break
+        stats = method.epoch_stats()  # before evaluating: a method may settle its policy here
         val_acc, val_loss = evaluate(method, model, x_val, y_val, config.eval_batch_size)
         if not math.isfinite(val_loss):
             out.diverged = True
@@ -289,7 +290,7 @@ def fit(
             **{f"train_{k}": v / seen for k, v in sums.items() if k != "loss"},
             "val_accuracy": val_acc,
             "val_loss": val_loss,
-            **method.epoch_stats(),
+            **stats,
         }
         if x_test is not None:
             record["test_accuracy"], record["test_loss"] = evaluate(

@@ -1,0 +1,371 @@
+"""SpotTune: per-example routing between frozen and fine-tuned residual blocks (Guo et al., CVPR 2019).
+
+Every routed block keeps its frozen source copy ``F_l`` and gets a trainable copy ``F^_l`` initialised
+from it (a real copy, no shared storage). A small policy ResNet maps the input to logits
+``beta in R^{L x 2}`` (Sec. 3.2); decisions ``I_l(x)`` are drawn with ``F.gumbel_softmax(hard=True)``
+(straight-through: hard in the forward pass, the softmax relaxation's gradient in the backward pass).
+Block ``l`` outputs (Eq. 2, erratum of DESIGN.md applied: the trainable copy is ``F^``)::
+
+    x_l = I_l(x) F^_l(x_{l-1}) + (1 - I_l(x)) F_l(x_{l-1})
+
+where our blocks already contain the skip connection and the final ReLU (``relu(residual + shortcut)``,
+as the official code mixes post-ReLU block outputs); with hard decisions this is Eq. 2 exactly. At
+evaluation the routing is deterministic (argmax, no Gumbel noise) and each copy of a block runs only on
+the examples routed through it. The frozen blocks keep their BatchNorm statistics (the official code
+let them train; we do not, a frozen block is frozen).
+
+``spottune_global`` (Sec. 3.3) adds ``lambda_1 l_k + lambda_2 l_e`` (Eqs. 5-7) on the fraction ``v_l``
+of a batch routed to ``F^_l``; after training every example follows one global policy (blocks used by
+at least half of the last epoch's training examples), the policy network is not needed at test time,
+and :meth:`SpotTuneGlobal.export` returns a compact LayeredNet with only the chosen fine-tuned blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paramtransfer.errors import UserError
+from paramtransfer.methods.base import Method, MethodConfig, freeze, register_method, transfer_copy
+from paramtransfer.models.layered import LayeredNet
+from paramtransfer.models.zoo import BasicBlock, GlobalPool
+
+ROUTES = ("policy", "finetuned", "frozen")
+
+
+@dataclass
+class SpotTuneConfig(MethodConfig):
+    """Attributes:
+    tau: Gumbel-softmax temperature (the paper and its code: 5, constant).
+    tau_min: if set, tau is annealed geometrically from ``tau`` to ``tau_min`` over ``anneal_epochs``.
+    anneal_epochs: epochs of the annealing (used only with ``tau_min``).
+    policy_lr_mult: learning-rate multiplier of the policy network (the official decathlon code: 0.1).
+    policy_width: channels of the policy ResNet's first stage.
+    freeze_first: the first ``k`` routed blocks are never fine-tuned (always the frozen copy).
+    eval_route: at evaluation, ``policy`` (argmax of the policy), ``finetuned`` (every example through
+        the fine-tuned copies: the paper's "running fine-tuned blocks" variant) or ``frozen``.
+    """
+
+    tau: float = 5.0
+    tau_min: float | None = None
+    anneal_epochs: int = 20
+    policy_lr_mult: float = 0.1
+    policy_width: int = 8
+    freeze_first: int = 0
+    eval_route: str = "policy"
+
+    def __post_init__(self) -> None:
+        if not self.tau > 0 or (self.tau_min is not None and not 0 < self.tau_min <= self.tau):
+            raise UserError(f"spottune needs tau > 0 and 0 < tau_min <= tau (got {self.tau}, {self.tau_min})")
+        if self.anneal_epochs < 1:
+            raise UserError("spottune anneal_epochs must be >= 1")
+        if self.policy_lr_mult <= 0 or self.policy_width < 1 or self.freeze_first < 0:
+            raise UserError("spottune policy_lr_mult and policy_width must be > 0, freeze_first >= 0")
+        if self.eval_route not in ROUTES:
+            raise UserError(f"spottune eval_route={self.eval_route!r}: use one of {', '.join(ROUTES)}")
+
+    def tau_at(self, epoch: int) -> float:
+        """The temperature during ``epoch`` (0-based)."""
+        if self.tau_min is None:
+            return self.tau
+        t = min(1.0, epoch / self.anneal_epochs)
+        return self.tau * (self.tau_min / self.tau) ** t
+
+
+class PolicyNet(nn.Module):
+    """The lightweight policy network: a 3-block ResNet, global pooling, ``L x 2`` logits.
+
+    Shape: ``[B, C, H, W] -> [B, L, 2]``.
+    """
+
+    def __init__(self, in_channels: int, num_blocks: int, width: int = 8) -> None:
+        super().__init__()
+        self.num_blocks = num_blocks
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            BasicBlock(width, width),
+            BasicBlock(width, 2 * width, stride=2),
+            BasicBlock(2 * width, 4 * width, stride=2),
+            GlobalPool(),
+        )
+        self.logits = nn.Linear(4 * width, 2 * num_blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.features(x)).view(-1, self.num_blocks, 2)
+
+
+def routable_blocks(net: LayeredNet) -> list[int]:
+    """The blocks SpotTune routes: residual blocks of zoo nets; every named block of a wrapped model."""
+    if not net.sequential:
+        return list(range(net.num_blocks))
+    return [i for i, b in enumerate(net.blocks) if isinstance(b, BasicBlock)]
+
+
+class SpotTuneNet(nn.Module):
+    """Frozen source blocks, trainable copies of the routed ones, a policy network and a new head.
+
+    ``net`` is the source with a fresh head (trainable) and frozen blocks; ``tuned[str(l)]`` is the
+    trainable copy of block ``l``. ``route`` (optional ``[B, len(routed)]`` in {0, 1}) overrides the
+    policy, which tests and the global variant use.
+    """
+
+    def __init__(self, net: LayeredNet, routed: list[int], policy: PolicyNet, tau: float) -> None:
+        super().__init__()
+        self.net = net
+        self.routed = list(routed)
+        self.tuned = nn.ModuleDict({str(i): copy.deepcopy(net.blocks[i]) for i in routed})
+        for p in self.tuned.parameters():
+            p.requires_grad_(True)
+        freeze(list(net.blocks))
+        self.policy = policy
+        self.register_buffer("tau", torch.tensor(float(tau)))
+        self.register_buffer("epochs_done", torch.tensor(0))
+        # the global variant: usage of each fine-tuned copy over an epoch, and the policy it settles on
+        self.register_buffer("usage", torch.zeros(len(routed) + 1))  # sums per block, then the count
+        self.register_buffer("global_route", torch.zeros(len(routed)))
+        self.eval_route = "policy"  # or "finetuned", "frozen", "global"
+        self.min_frozen = 0
+        self.route: torch.Tensor | None = None  # the last decisions, with gradient in training
+        self._route: torch.Tensor | None = None
+        if not net.sequential:  # a wrapped model runs its own forward; hooks mix in the tuned copies
+            for j, i in enumerate(self.routed):
+                net.blocks[i].register_forward_hook(self._hook(j))
+
+    def decide(self, x: torch.Tensor) -> torch.Tensor:
+        """``I(x)``: ``[B, L]`` in {0, 1}; straight-through Gumbel samples in training, argmax otherwise."""
+        if not self.training and self.eval_route == "global":
+            route = self.global_route.to(x.dtype).expand(x.shape[0], -1)
+        elif not self.training and self.eval_route != "policy":
+            fill = 1.0 if self.eval_route == "finetuned" else 0.0
+            route = x.new_full((x.shape[0], len(self.routed)), fill)
+        else:
+            logits = self.policy(x)
+            if self.training:
+                route = F.gumbel_softmax(logits, tau=float(self.tau), hard=True)[..., 1]
+            else:
+                route = (logits[..., 1] > logits[..., 0]).to(x.dtype)
+        if self.min_frozen:
+            route = torch.cat([torch.zeros_like(route[:, : self.min_frozen]), route[:, self.min_frozen :]], 1)
+        return route
+
+    def forward(self, x: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:
+        route = self.decide(x) if route is None else route
+        self.route = route
+        if self.training:
+            with torch.no_grad():
+                self.usage[:-1] += route.sum(0)
+                self.usage[-1] += route.shape[0]
+        if not self.net.sequential:
+            self._route = route
+            try:
+                return self.net(x)
+            finally:
+                self._route = None
+        h = x
+        for i, block in enumerate(self.net.blocks):
+            j = self.routed.index(i) if i in self.routed else None
+            h = block(h) if j is None else self._mix(block, self.tuned[str(i)], h, route[:, j])
+        return self.net.head(self.net.neck(h))
+
+    def _mix(self, frozen: nn.Module, tuned: nn.Module, h: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+        if self.training:  # both paths: the straight-through gradient of I needs both outputs
+            w = use.view(-1, *([1] * (h.dim() - 1)))
+            return w * tuned(h) + (1 - w) * frozen(h)
+        mask = use > 0.5
+        if bool(mask.all()):
+            return tuned(h)
+        if not bool(mask.any()):
+            return frozen(h)
+        out_t, out_f = tuned(h[mask]), frozen(h[~mask])
+        out = out_t.new_empty((h.shape[0], *out_t.shape[1:]), memory_format=_format(out_t))
+        out[mask], out[~mask] = out_t, out_f
+        return out
+
+    def _hook(self, j: int):
+        def mix(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if self._route is None:
+                return None
+            tuned = self.tuned[str(self.routed[j])]
+            use = self._route[:, j]
+            w = use.view(-1, *([1] * (output.dim() - 1)))
+            return w * tuned(inputs[0]) + (1 - w) * output
+
+        return mix
+
+
+def _format(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@register_method("spottune")
+class SpotTune(Method):
+    """SpotTune (Guo et al. 2019), per-example policy; see the module docstring."""
+
+    Config = SpotTuneConfig
+    supported_archs = ("resnet20", "wrapped")
+
+    def build(
+        self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int
+    ) -> nn.Module:
+        src = self._require_source(source)
+        routed = routable_blocks(src)
+        if not routed:
+            raise UserError(f"spottune routes residual blocks; the {src.arch} source has none")
+        c: SpotTuneConfig = self.config  # type: ignore[assignment]
+        if c.freeze_first > len(routed):
+            raise UserError(f"spottune freeze_first={c.freeze_first} exceeds the {len(routed)} routed blocks")
+        net = transfer_copy(src, num_classes, seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            policy = PolicyNet(src.in_shape[0], len(routed), c.policy_width)
+        model = SpotTuneNet(net, routed, policy, c.tau_at(0))
+        model.eval_route = c.eval_route
+        model.min_frozen = c.freeze_first
+        self._model = model
+        return model
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        c: SpotTuneConfig = self.config  # type: ignore[assignment]
+        return [
+            {"params": [*model.tuned.parameters(), *model.net.head.parameters()]},
+            {"params": list(model.policy.parameters()), "lr_mult": c.policy_lr_mult},
+        ]
+
+    def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"task": F.cross_entropy(model(x), y)}
+
+    def epoch_stats(self) -> dict[str, Any]:
+        """Advance the temperature schedule; the state lives in model buffers, so a resume continues it."""
+        model = getattr(self, "_model", None)
+        if model is None:
+            return {}
+        c: SpotTuneConfig = self.config  # type: ignore[assignment]
+        stats = {"tau": float(model.tau)}
+        count = float(model.usage[-1])
+        if count:
+            stats["finetune_fraction_train"] = (model.usage[:-1] / count).tolist()
+        self.settle(model)
+        model.usage.zero_()
+        model.epochs_done += 1
+        model.tau.fill_(c.tau_at(int(model.epochs_done)))
+        return stats
+
+    def settle(self, model: nn.Module) -> None:
+        """End-of-epoch hook for variants that fix a policy (see :class:`SpotTuneGlobal`)."""
+
+    @torch.no_grad()
+    def routes(self, model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+        """Evaluation-time decisions ``[N, L]`` for ``x``."""
+        model.eval()
+        return torch.cat([model.decide(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+    def diagnostics(self, model: nn.Module, task: Any) -> dict[str, Any]:
+        """Fig. 3: fraction of test examples through each fine-tuned block; Fig. 4: how many fine-tuned
+        blocks each test example used (histogram over 0..L)."""
+        route = self.routes(model, task.test.x)
+        used = route.sum(1).long()
+        return {
+            "routed_blocks": model.routed,
+            "finetune_fraction": route.mean(0).tolist(),
+            "blocks_used_histogram": torch.bincount(used, minlength=len(model.routed) + 1).tolist(),
+            "tau_final": float(model.tau),
+        }
+
+
+@dataclass
+class SpotTuneGlobalConfig(SpotTuneConfig):
+    """Attributes (besides SpotTune's):
+    k: number of blocks to fine-tune (Eq. 5).
+    lambda_k: weight of ``l_k = (sum_l v_l - k)^2`` (Eq. 7, lambda_1).
+    lambda_e: weight of ``l_e = sum_l -v_l log v_l`` (Eq. 7, lambda_2).
+    """
+
+    k: int = 3
+    lambda_k: float = 1.0
+    lambda_e: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
+            raise UserError(f"spottune_global k must be a whole number >= 0 (got {self.k!r})")
+        if self.lambda_k < 0 or self.lambda_e < 0:
+            raise UserError("spottune_global lambda_k and lambda_e must be >= 0")
+        if self.eval_route == "policy":
+            self.eval_route = "global"
+
+
+def global_losses(route: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``l_k`` and ``l_e`` of Eqs. 5-6 from a batch of decisions ``[B, L]`` (``v_l`` = batch mean)."""
+    v = route.mean(0)
+    l_k = (v.sum() - k) ** 2
+    l_e = -(v * torch.log(v.clamp_min(1e-6))).sum()
+    return l_k, l_e
+
+
+@register_method("spottune_global")
+class SpotTuneGlobal(SpotTune):
+    """SpotTune's compact global policy (Sec. 3.3): the same k fine-tuned blocks for every image.
+
+    During training the per-image policy is pushed towards using k blocks for all images (Eqs. 5-7).
+    At the end of every epoch the global policy is the k blocks most used over that epoch; evaluation
+    follows it (no policy network), and :meth:`export` returns the compact network.
+    """
+
+    Config = SpotTuneGlobalConfig
+
+    def build(self, *args: Any, **kwargs: Any) -> nn.Module:
+        model = super().build(*args, **kwargs)
+        c: SpotTuneGlobalConfig = self.config  # type: ignore[assignment]
+        if c.k > len(model.routed) - c.freeze_first:
+            raise UserError(
+                f"spottune_global k={c.k} exceeds the {len(model.routed) - c.freeze_first} free blocks"
+            )
+        return model
+
+    def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        c: SpotTuneGlobalConfig = self.config  # type: ignore[assignment]
+        task = F.cross_entropy(model(x), y)
+        l_k, l_e = global_losses(model.route, c.k)
+        return {"task": task, "policy": c.lambda_k * l_k + c.lambda_e * l_e}
+
+    def settle(self, model: nn.Module) -> None:
+        count = float(model.usage[-1])
+        if not count:
+            return
+        c: SpotTuneGlobalConfig = self.config  # type: ignore[assignment]
+        v = model.usage[:-1] / count
+        v[: c.freeze_first] = -1.0  # never chosen
+        chosen = torch.argsort(v, descending=True, stable=True)[: c.k]
+        model.global_route.zero_()
+        model.global_route[chosen] = 1.0
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """A plain LayeredNet: the source blocks, with the chosen fine-tuned copies in place."""
+        net: LayeredNet = model.net
+        if not net.sequential:
+            return model  # a wrapped model's blocks cannot be swapped without rewriting it
+        chosen = {i for i, use in zip(model.routed, model.global_route.tolist(), strict=True) if use > 0.5}
+        blocks = [copy.deepcopy(model.tuned[str(i)] if i in chosen else b) for i, b in enumerate(net.blocks)]
+        compact = LayeredNet(
+            blocks,
+            copy.deepcopy(net.head),
+            copy.deepcopy(net.neck),
+            arch=net.arch,
+            in_shape=net.in_shape,
+            arch_kwargs=net.arch_kwargs,
+        )
+        return compact.eval()
+
+    def diagnostics(self, model: nn.Module, task: Any) -> dict[str, Any]:
+        out = super().diagnostics(model, task)
+        out["global_route"] = model.global_route.tolist()
+        return out
