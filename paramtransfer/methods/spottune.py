@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ class SpotTuneConfig(MethodConfig):
     policy_width: int = 8
     freeze_first: int = 0
     eval_route: str = "policy"
+    routes: ClassVar[tuple[str, ...]] = ROUTES
 
     def __post_init__(self) -> None:
         if not self.tau > 0 or (self.tau_min is not None and not 0 < self.tau_min <= self.tau):
@@ -66,8 +67,8 @@ class SpotTuneConfig(MethodConfig):
             raise UserError("spottune anneal_epochs must be >= 1")
         if self.policy_lr_mult <= 0 or self.policy_width < 1 or self.freeze_first < 0:
             raise UserError("spottune policy_lr_mult and policy_width must be > 0, freeze_first >= 0")
-        if self.eval_route not in ROUTES:
-            raise UserError(f"spottune eval_route={self.eval_route!r}: use one of {', '.join(ROUTES)}")
+        if self.eval_route not in self.routes:
+            raise UserError(f"spottune eval_route={self.eval_route!r}: use one of {', '.join(self.routes)}")
 
     def tau_at(self, epoch: int) -> float:
         """The temperature during ``epoch`` (0-based)."""
@@ -184,7 +185,8 @@ class SpotTuneNet(nn.Module):
         if not bool(mask.any()):
             return frozen(h)
         out_t, out_f = tuned(h[mask]), frozen(h[~mask])
-        out = out_t.new_empty((h.shape[0], *out_t.shape[1:]), memory_format=_format(out_t))
+        shape = (h.shape[0], *out_t.shape[1:])
+        out = torch.empty(shape, dtype=out_t.dtype, device=out_t.device, memory_format=_format(out_t))
         out[mask], out[~mask] = out_t, out_f
         return out
 
@@ -284,23 +286,23 @@ class SpotTune(Method):
 @dataclass
 class SpotTuneGlobalConfig(SpotTuneConfig):
     """Attributes (besides SpotTune's):
-    k: number of blocks to fine-tune (Eq. 5).
+    k: number of blocks to fine-tune (Eq. 5); None: a third of the routed blocks (3 of ResNet-20's 9).
     lambda_k: weight of ``l_k = (sum_l v_l - k)^2`` (Eq. 7, lambda_1).
     lambda_e: weight of ``l_e = sum_l -v_l log v_l`` (Eq. 7, lambda_2).
     """
 
-    k: int = 3
+    k: int | None = None
     lambda_k: float = 1.0
     lambda_e: float = 1.0
+    eval_route: str = "global"  # the learned global policy; no policy network at test time
+    routes: ClassVar[tuple[str, ...]] = (*ROUTES, "global")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0):
             raise UserError(f"spottune_global k must be a whole number >= 0 (got {self.k!r})")
         if self.lambda_k < 0 or self.lambda_e < 0:
             raise UserError("spottune_global lambda_k and lambda_e must be >= 0")
-        if self.eval_route == "policy":
-            self.eval_route = "global"
 
 
 def global_losses(route: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,16 +327,16 @@ class SpotTuneGlobal(SpotTune):
     def build(self, *args: Any, **kwargs: Any) -> nn.Module:
         model = super().build(*args, **kwargs)
         c: SpotTuneGlobalConfig = self.config  # type: ignore[assignment]
-        if c.k > len(model.routed) - c.freeze_first:
-            raise UserError(
-                f"spottune_global k={c.k} exceeds the {len(model.routed) - c.freeze_first} free blocks"
-            )
+        free = len(model.routed) - c.freeze_first
+        self.k = c.k if c.k is not None else min(free, max(1, len(model.routed) // 3))
+        if self.k > free:
+            raise UserError(f"spottune_global k={self.k} exceeds the {free} blocks it may fine-tune")
         return model
 
     def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         c: SpotTuneGlobalConfig = self.config  # type: ignore[assignment]
         task = F.cross_entropy(model(x), y)
-        l_k, l_e = global_losses(model.route, c.k)
+        l_k, l_e = global_losses(model.route, self.k)
         return {"task": task, "policy": c.lambda_k * l_k + c.lambda_e * l_e}
 
     def settle(self, model: nn.Module) -> None:
@@ -344,7 +346,7 @@ class SpotTuneGlobal(SpotTune):
         c: SpotTuneGlobalConfig = self.config  # type: ignore[assignment]
         v = model.usage[:-1] / count
         v[: c.freeze_first] = -1.0  # never chosen
-        chosen = torch.argsort(v, descending=True, stable=True)[: c.k]
+        chosen = torch.argsort(v, descending=True, stable=True)[: self.k]
         model.global_route.zero_()
         model.global_route[chosen] = 1.0
 
