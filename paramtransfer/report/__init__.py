@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from paramtransfer.errors import UserError
-from paramtransfer.report.plots import plot_dtnh, plot_ft_layers, plot_learning_curves, plot_ptu_gates
+from paramtransfer.report.plots import (
+    plot_dtnh,
+    plot_ft_layers,
+    plot_learning_curves,
+    plot_ptu_gates,
+    plot_spottune,
+)
 from paramtransfer.report.tables import comparison_table, label
 from paramtransfer.train.checkpoint import atomic_write_bytes
 
@@ -15,7 +21,7 @@ __all__ = ["comparison_table", "label", "load_results", "write_report"]
 
 
 def write_report(summary: dict[str, Any], out: str | Path) -> dict[str, Path]:
-    """Write ``table.md`` and the plots that the results support (FT-l, learning curves, PTU gates, DTNH)."""
+    """Write ``table.md`` and the plots the results support (FT-l, curves, PTU gates, DTNH, SpotTune)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = {"table": out / "table.md"}
@@ -25,6 +31,7 @@ def write_report(summary: dict[str, Any], out: str | Path) -> dict[str, Path]:
         ("learning_curves", plot_learning_curves),
         ("ptu_gates", plot_ptu_gates),
         ("dtnh", plot_dtnh),
+        ("spottune", plot_spottune),
     )
     for name, fn in plots:
         p = fn(summary, out / f"{name}.png")

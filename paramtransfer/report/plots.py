@@ -216,3 +216,40 @@ def plot_dtnh(summary: dict[str, Any], path: Path, max_rows: int = 6) -> Path | 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_spottune(summary: dict[str, Any], path: Path) -> Path | None:
+    """SpotTune paper Figs. 3-4 for each ``spottune`` variant at its chosen learning rate (seeds pooled).
+
+    Left: fraction of test examples routed through the fine-tuned copy of each block (Fig. 3).
+    Right: how many fine-tuned blocks each test example used (Fig. 4).
+    """
+    selected = summary["selected"]
+    rows = []
+    for variant in sorted(selected):
+        if not variant.startswith("spottune") or selected[variant].get("status") != "ok":
+            continue
+        diags = [r["diagnostics"] for r in _chosen_histories(summary, variant)]
+        diags = [d for d in diags if "finetune_fraction" in d]
+        if diags:
+            rows.append((variant, diags))
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.2 * len(rows)), squeeze=False)
+    for (variant, diags), (ax3, ax4) in zip(rows, axes, strict=True):
+        blocks = list(range(1, len(diags[0]["finetune_fraction"]) + 1))
+        frac = [_mean([d["finetune_fraction"][i] for d in diags]) for i in range(len(blocks))]
+        ax3.bar(blocks, frac)
+        ax3.set(xlabel="routed block", ylabel="fraction fine-tuned", ylim=(0, 1), xticks=blocks)
+        ax3.set_title(f"Fig. 3: {label(variant)}", fontsize=9)
+        hist = [sum(d["blocks_used_histogram"][j] for d in diags) for j in range(len(blocks) + 1)]
+        total = sum(hist) or 1
+        ax4.bar(range(len(hist)), [h / total for h in hist])
+        ax4.set(xlabel="fine-tuned blocks used by an example", ylabel="fraction of test examples")
+        ax4.set_title(f"Fig. 4: {label(variant)}", fontsize=9)
+        for ax in (ax3, ax4):
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
