@@ -32,7 +32,19 @@ from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.zoo import build_model
 from paramtransfer.registry import Registry
 
-METHODS: Registry[type[Method]] = Registry("method")
+
+class _MethodRegistry(Registry["type[Method]"]):
+    def get(self, name: str) -> type[Method]:
+        if name.startswith("dtnh:") and name not in self:
+            twins = ", ".join(n for n in self.names() if n.startswith("dtnh:"))
+            raise UserError(
+                f"unknown method {name!r}: DTNH corrects the gradient of a regulariser towards the source, "
+                f"which {name[5:]!r} does not have; use one of {twins}"
+            )
+        return super().get(name)
+
+
+METHODS: Registry[type[Method]] = _MethodRegistry("method")
 
 
 @dataclass
