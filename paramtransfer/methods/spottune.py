@@ -15,8 +15,8 @@ the examples routed through it. The frozen blocks keep their BatchNorm statistic
 let them train; we do not, a frozen block is frozen).
 
 ``spottune_global`` (Sec. 3.3) adds ``lambda_1 l_k + lambda_2 l_e`` (Eqs. 5-7) on the fraction ``v_l``
-of a batch routed to ``F^_l``; after training every example follows one global policy (blocks used by
-at least half of the last epoch's training examples), the policy network is not needed at test time,
+of a batch routed to ``F^_l``; after training every example follows one global policy (the k blocks
+most used by the last epoch's training examples), the policy network is not needed at test time,
 and :meth:`SpotTuneGlobal.export` returns a compact LayeredNet with only the chosen fine-tuned blocks.
 """
 
@@ -137,7 +137,11 @@ class SpotTuneNet(nn.Module):
         self._route: torch.Tensor | None = None
         if not net.sequential:  # a wrapped model runs its own forward; hooks mix in the tuned copies
             for j, i in enumerate(self.routed):
-                net.blocks[i].register_forward_hook(self._hook(j))
+                block = net.blocks[i]
+                # plain attributes (not submodules): a deep copy of the model then points at the copy
+                object.__setattr__(block, "_spottune_owner", self)
+                object.__setattr__(block, "_spottune_index", j)
+                block.register_forward_hook(_mix_hook)
 
     def decide(self, x: torch.Tensor) -> torch.Tensor:
         """``I(x)``: ``[B, L]`` in {0, 1}; straight-through Gumbel samples in training, argmax otherwise."""
@@ -190,16 +194,16 @@ class SpotTuneNet(nn.Module):
         out[mask], out[~mask] = out_t, out_f
         return out
 
-    def _hook(self, j: int):
-        def mix(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if self._route is None:
-                return None
-            tuned = self.tuned[str(self.routed[j])]
-            use = self._route[:, j]
-            w = use.view(-1, *([1] * (output.dim() - 1)))
-            return w * tuned(inputs[0]) + (1 - w) * output
 
-        return mix
+def _mix_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook on a wrapped model's routed block: ``I * F^(x) + (1 - I) * F(x)``."""
+    owner: SpotTuneNet = module._spottune_owner  # type: ignore[assignment]
+    if owner._route is None:
+        return None
+    j = module._spottune_index
+    tuned = owner.tuned[str(owner.routed[j])]
+    w = owner._route[:, j].view(-1, *([1] * (output.dim() - 1)))
+    return w * tuned(inputs[0]) + (1 - w) * output
 
 
 def _format(t: torch.Tensor) -> torch.memory_format:
