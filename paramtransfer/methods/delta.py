@@ -180,9 +180,7 @@ class Delta(KnowDist):
         if self.weights is None:
             raise RuntimeError("delta needs its channel attention: call prepare(model, task) first")
         c: DeltaConfig = self.config  # type: ignore[assignment]
-        logits, feats = model.target.forward_features(x)
-        with torch.no_grad():
-            source_feats = model.source.features(x)
+        logits, feats, source_feats = self.paired_features(model, x)
         head = sum(p.pow(2).sum() for p in model.target.head.parameters())
         reg = c.alpha * weighted_feature_distance(feats, source_feats, self.layers, self.weights)
         return {"task": F.cross_entropy(logits, y), "reg": reg + 0.5 * c.beta * head}

@@ -156,11 +156,19 @@ class KnowDist(Method):
     def export(self, model: nn.Module) -> nn.Module:
         return model.target
 
-    def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        c: KnowDistConfig = self.config  # type: ignore[assignment]
+    @staticmethod
+    def paired_features(
+        model: nn.Module, x: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The target's logits and block outputs, and the frozen source's block outputs (no graph)."""
         logits, feats = model.target.forward_features(x)
         with torch.no_grad():
             source_feats = model.source.features(x)
+        return logits, feats, source_feats
+
+    def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        c: KnowDistConfig = self.config  # type: ignore[assignment]
+        logits, feats, source_feats = self.paired_features(model, x)
         return {
             "task": F.cross_entropy(logits, y),
             "reg": c.beta * feature_distance(feats, source_feats, self.layers),
