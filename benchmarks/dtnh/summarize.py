@@ -35,6 +35,7 @@ def main() -> None:
     print("| pair | scratch | fine-tune | regulariser | alone | with DTNH | DTNH − alone | conflicts |")
     print("|---|---|---|---|---|---|---|---|")
     recovered, hurt, total = [], [], 0
+    gains: dict[str, list[float]] = {}
     for pair in PAIRS:
         path = RESULTS / pair / "results.json"
         if not path.is_file():
@@ -57,6 +58,7 @@ def main() -> None:
                 recovered.append((name, label(base), gain, d["test_mean"] >= scratch["test_mean"]))
             if gain < 0:
                 hurt.append((name, label(base), gain))
+            gains.setdefault(label(base), []).append(gain)
             floor = scratch["test_mean"]
             print(
                 f"| {name} | {100 * floor:.2f} | {100 * ft['test_mean']:.2f} | {label(base)} | "
@@ -65,6 +67,14 @@ def main() -> None:
             )
     print()
     print(f"{total} regulariser settings; DTNH lower than the regulariser alone in {len(hurt)}.")
+    print()
+    print("| regulariser | mean DTNH − alone over the pairs (points) | per pair |")
+    print("|---|---|---|")
+    for base in sorted(gains, key=lambda b: _order(b)):
+        values = gains[base]
+        per_pair = ", ".join(f"{v:+.2f}" for v in values)
+        print(f"| {base} | {sum(values) / len(values):+.2f} | {per_pair} |")
+    print()
     for name, base, gain, fixed in recovered:
         state = "now at or above scratch" if fixed else "still below scratch"
         print(f"- negative transfer with {base} on {name}: DTNH {gain:+.2f} points, {state}")
