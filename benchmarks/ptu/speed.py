@@ -13,11 +13,27 @@ import torch
 from paramtransfer.experiments.speed import step_time_ratios
 
 torch.set_num_threads(2)
-methods = ["ptu", "ptu[separable=false]", "ptu[kernel_size=1]", "ptu[layers=[1,2,3]]", "scratch"]
+methods = [
+    "ptu",
+    "ptu[depthwise=per_channel]",
+    "ptu[source_cache_mb=0]",
+    "ptu[separable=false]",
+    "ptu[kernel_size=1]",
+    "ptu[layers=[1,2,3]]",
+    "scratch",
+]
 result = {
     "lenet": step_time_ratios(["lenet"], methods, repeats=int(sys.argv[1]) if len(sys.argv) > 1 else 30),
     "resnet20": step_time_ratios(
-        ["resnet20"], ["ptu", "ptu[kernel_size=1]", "ptu[layers=[3,6,9]]", "scratch"], repeats=10
+        ["resnet20"],
+        [
+            "ptu",
+            "ptu[depthwise=per_channel]",
+            "ptu[source_cache_mb=0]",
+            "ptu[kernel_size=1]",
+            "ptu[layers=[3,6,9]]",
+        ],
+        repeats=10,
     ),
     "command": "python benchmarks/ptu/speed.py",
 }
