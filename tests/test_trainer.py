@@ -397,3 +397,68 @@ def test_atomic_write_json_failed_write_keeps_old_file_and_no_temp(tmp_path, mon
     assert json.loads(path.read_text()) == {"version": 3}
     assert _leftovers(tmp_path) == []
     assert os.listdir(tmp_path) == ["result.json"]
+
+
+def test_trace_test_records_test_scores_without_changing_training(tiny_source, tiny_task):
+    m1, model1 = _build("finetune", tiny_source, tiny_task)
+    m2, model2 = _build("finetune", tiny_source, tiny_task)
+    plain = fit(model1, m1, tiny_task, TrainConfig(epochs=2, batch_size=8, patience=None))
+    traced = fit(model2, m2, tiny_task, TrainConfig(epochs=2, batch_size=8, patience=None, trace_test=True))
+    for a, b in zip(_strip(plain.history), _strip(traced.history), strict=True):
+        assert {k: v for k, v in b.items() if not k.startswith("test_")} == a
+        assert 0.0 <= b["test_accuracy"] <= 1.0 and math.isfinite(b["test_loss"])
+    _assert_same_state(model1, model2)
+    # the recorded test loss is that of the final weights after the last epoch (no early stopping here)
+    _, loss = evaluate(m2, model2, tiny_task.test.x, tiny_task.test.y)
+    assert traced.history[-1]["test_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_results_from_before_trace_test_existed_are_reused(tiny_source, tiny_task, tmp_path):
+    """A result fingerprinted with ``trace_test: False`` spelled out (as written before the option was
+    left out of fingerprints at its default) is still recognised as the same run."""
+    from paramtransfer.experiments import run as run_mod
+
+    res = pt.run("finetune", source=tiny_source, target=tiny_task, lr=0.05, epochs=1, seed=0, out=tmp_path)
+    stored = json.loads((tmp_path / "result.json").read_text())
+    identity = [
+        res.method,
+        tiny_task.spec,
+        0,
+        res.arch,
+        stored["config"],
+        run_mod._source_identity(tiny_source),
+    ]
+    legacy = run_mod._fingerprint(identity, omit_defaults=False)
+    assert legacy != stored["fingerprint"]
+    stored["fingerprint"], stored["test_accuracy"] = legacy, 0.123  # marked, to see that it is reused
+    (tmp_path / "result.json").write_text(json.dumps(stored))
+    again = pt.run("finetune", source=tiny_source, target=tiny_task, lr=0.05, epochs=1, seed=0, out=tmp_path)
+    assert again.test_accuracy == 0.123
+    # with trace_test on, the run is another one and trains again
+    traced = pt.run(
+        "finetune",
+        source=tiny_source,
+        target=tiny_task,
+        lr=0.05,
+        epochs=1,
+        seed=0,
+        out=tmp_path,
+        train_options={"trace_test": True},
+    )
+    assert traced.test_accuracy != 0.123 and "test_loss" in traced.history[0]
+
+
+def test_prepare_runs_before_the_first_step_and_again_on_resume(tiny_source, tiny_task, tmp_path):
+    calls = []
+
+    class Recording(type(make_method("finetune"))):
+        def prepare(self, model, task):
+            calls.append(len(task.train))
+
+    method = Recording()
+    model = method.build(tiny_source, tiny_task.num_classes, arch="lenet", in_shape=(1, 28, 28), seed=0)
+    cfg = TrainConfig(epochs=2, batch_size=8, patience=None)
+    with pytest.raises(_Crash):
+        fit(model, method, tiny_task, cfg, checkpoint=tmp_path / "c.pt", callbacks=[_crash_at_epoch(1)])
+    fit(model, method, tiny_task, cfg, checkpoint=tmp_path / "c.pt")
+    assert calls == [len(tiny_task.train)] * 2
