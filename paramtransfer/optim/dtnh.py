@@ -96,7 +96,7 @@ def correct(
 ) -> Correction:
     """Algorithm 1 over parameter-shaped gradients, with the angles of Sec. V-D.
 
-    Three inner products per tensor (``<g_J,g_J>``, ``<g_J,g_O>``, ``<g_O,g_O>``) give the projection
+    Three inner products per projection group (the whole vector, or each tensor) give the projection
     coefficients and, since ``d = (1 - lam k) g_J + lam g_O``, all four angles without another pass over
     the gradients; the direction itself is one fused pass per tensor. Half-precision gradients are
     combined in float32 and cast back.
@@ -106,31 +106,43 @@ def correct(
     acc = torch.promote_types(grads_task[0].dtype, torch.float32) if grads_task else torch.float32
     task = [g.to(acc) for g in grads_task]
     reg = [g.to(acc) for g in grads_reg]
-    jj = [float(v) for v in _dots(task, task)]
-    jo = [float(v) for v in _dots(task, reg)]
-    oo = [float(v) for v in _dots(reg, reg)]
-    groups = [list(range(len(task)))] if granularity == "global" else [[i] for i in range(len(task))]
-    a = [1.0] * len(task)  # d_t = a_t g_J,t + lam g_O,t
+    if granularity == "global":  # three dot products over the concatenation: few calls on many tensors
+        groups = [list(range(len(task)))]
+        flat_task = torch.cat([g.reshape(-1) for g in task]) if task else torch.zeros(0, dtype=acc)
+        flat_reg = torch.cat([g.reshape(-1) for g in reg]) if reg else torch.zeros(0, dtype=acc)
+        flats = [(flat_task, flat_reg)]
+    else:
+        groups = [[i] for i in range(len(task))]
+        flats = [(t.reshape(-1), r.reshape(-1)) for t, r in zip(task, reg, strict=True)]
+    jj = [float(torch.dot(t, t)) for t, _ in flats]  # per group
+    jo = [float(torch.dot(t, r)) for t, r in flats]
+    oo = [float(torch.dot(r, r)) for _, r in flats]
+    a = [1.0] * len(groups)  # d = a g_J + lam g_O within each group
     corrected = 0
-    for idx in groups:
-        dot = sum(jo[i] for i in idx)
-        if dot < 0:
-            sub_task, sub_reg = [task[i] for i in idx], [reg[i] for i in idx]
-            k = _projection_coeff(sub_task, sub_reg, dot, sum(jj[i] for i in idx))
+    for g, idx in enumerate(groups):
+        if jo[g] < 0:
+            k = _projection_coeff([task[i] for i in idx], [reg[i] for i in idx], jo[g], jj[g])
             corrected += 1
-            for i in idx:
-                a[i] = 1.0 - lam * k
-    direction = []
-    for i, (gj, gr) in enumerate(zip(task, reg, strict=True)):
-        if a[i] == 1.0:
-            d = gj + gr if lam == 1.0 else gj + lam * gr
+            a[g] = 1.0 - lam * k
+    direction: list[torch.Tensor] = [torch.empty(0)] * len(task)
+    for g, idx in enumerate(groups):
+        gt, gr = [task[i] for i in idx], [reg[i] for i in idx]
+        if a[g] == 1.0:
+            ds = (
+                torch._foreach_add(gt, gr)
+                if lam == 1.0
+                else [t + lam * r for t, r in zip(gt, gr, strict=True)]
+            )
+        elif lam == 1.0:
+            ds = torch._foreach_add(gr, gt, alpha=a[g])
         else:
-            d = torch.add(gr, gj, alpha=a[i]) if lam == 1.0 else gj * a[i] + lam * gr
-        direction.append(d.to(grads_task[i].dtype))
+            ds = [t * a[g] + lam * r for t, r in zip(gt, gr, strict=True)]
+        for i, d in zip(idx, ds, strict=True):
+            direction[i] = d.to(grads_task[i].dtype)
     sjj, sjo, soo = sum(jj), sum(jo), sum(oo)
-    d_j = sum(a[i] * jj[i] + lam * jo[i] for i in range(len(a)))
-    d_o = sum(a[i] * jo[i] + lam * oo[i] for i in range(len(a)))
-    d_d = sum(a[i] ** 2 * jj[i] + 2 * a[i] * lam * jo[i] + lam**2 * oo[i] for i in range(len(a)))
+    d_j = sum(a[g] * jj[g] + lam * jo[g] for g in range(len(a)))
+    d_o = sum(a[g] * jo[g] + lam * oo[g] for g in range(len(a)))
+    d_d = sum(a[g] ** 2 * jj[g] + 2 * a[g] * lam * jo[g] + lam**2 * oo[g] for g in range(len(a)))
     l_l = sjj + 2 * lam * sjo + lam**2 * soo
     angles = (
         _angle(d_j, d_d, sjj),
