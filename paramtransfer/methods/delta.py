@@ -126,10 +126,10 @@ def channel_attention(
         num_classes = int(y.max()) + 1
         probe = fit_probe(source.embed(x), y, num_classes)
         base = F.cross_entropy(probe(source.embed(x)), y)
+        channels = [f.shape[1] for f in source.features(x[:1])]
         weights = []
         for j in layers:
-            n_channels = source.features(x[:1])[j].shape[1]
-            emb = _masked_embeddings(source, x, j, range(n_channels))
+            emb = _masked_embeddings(source, x, j, range(channels[j]))
             increase = torch.stack([F.cross_entropy(probe(e), y) for e in emb]) - base
             weights.append(torch.softmax(increase / temperature, dim=0))
         return weights

@@ -159,7 +159,7 @@ def correct_tensors(
     lam: float = 1.0,
     granularity: str = "global",
 ) -> tuple[list[torch.Tensor], float]:
-    """Algorithm 1 over a list of parameter-shaped gradients, without concatenating them.
+    """Algorithm 1 over a list of parameter-shaped gradients (:func:`correct` without the angles).
 
     ``"global"`` gives exactly :func:`correct_direction` on the concatenation of the tensors; ``"tensor"``
     applies it to each tensor on its own.
@@ -174,9 +174,7 @@ def correct_tensors(
 
 def angle_degrees(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float | None:
     """The angle between two vectors given as lists of tensors (None if either is zero)."""
-    dot = float(sum(_dots(a, b), torch.zeros(())))
-    na = math.sqrt(float(sum(_dots(a, a), torch.zeros(()))))
-    nb = math.sqrt(float(sum(_dots(b, b), torch.zeros(()))))
-    if na == 0.0 or nb == 0.0:
-        return None
-    return math.degrees(math.acos(max(-1.0, min(1.0, dot / (na * nb)))))
+    total = torch.zeros(())
+    return _angle(
+        float(sum(_dots(a, b), total)), float(sum(_dots(a, a), total)), float(sum(_dots(b, b), total))
+    )
