@@ -18,7 +18,7 @@ import paramtransfer as pt
 from paramtransfer.errors import UserError
 from paramtransfer.experiments.run import train_model
 from paramtransfer.methods.base import make_method
-from paramtransfer.methods.spottune import SpotTuneNet, global_losses, routable_blocks
+from paramtransfer.methods.spottune import SpotTuneNet, _sample, global_losses, routable_blocks
 from paramtransfer.metrics import decathlon_score
 from paramtransfer.models.zoo import BasicBlock
 from paramtransfer.train.trainer import TrainConfig, fit, keep_frozen_batchnorm
@@ -230,7 +230,7 @@ def test_frozen_copies_never_change_and_copies_share_no_storage(
     method, model = _build("spottune", tiny_resnet_source)
     frozen_before, tuned_before = _snapshot(model.net.blocks), _snapshot(model.tuned)
     groups = method.param_groups(model)
-    assert [g.get("lr_mult", 1.0) for g in groups] == [1.0, 0.1]
+    assert [g.get("lr_mult", 1.0) for g in groups] == [1.0, 10.0]
     optimized = {id(p) for g in groups for p in g["params"]}
     assert not optimized & {id(p) for p in model.net.blocks.parameters()}
     fit(model, method, tiny_task, TrainConfig(epochs=2, batch_size=8, lr=0.1, patience=None), seed=0)
@@ -296,6 +296,56 @@ def test_tau_anneals_geometrically_and_resumes_from_the_model_state(
     model4.load_state_dict(model3.state_dict())
     assert method4.epoch_stats()["tau"] == pytest.approx(expected(1), rel=1e-6)
     assert float(model4.tau) == pytest.approx(expected(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("noise", [1.0, 0.5, 0.2])
+def test_scaled_noise_samples_argmax_of_logits_plus_scaled_gumbel(noise: float) -> None:
+    logits = torch.randn(64, 9, 2, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    tau = 5.0
+    torch.manual_seed(3)
+    out = _sample(logits, tau, noise)
+    torch.manual_seed(3)  # the same Gumbel draws as F.gumbel_softmax makes: -log(Exp(1))
+    g = -torch.empty_like(logits).exponential_().log()
+    y = logits.detach() + noise * g
+    assert torch.equal(out.detach(), F.one_hot(y.argmax(-1), 2).float())
+    # backward: the gradient of softmax((logits + s g) / tau), the straight-through estimator
+    w = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * w).sum(), logits)
+    soft = torch.softmax(y / tau, -1)
+    expected = soft * (w - (soft * w).sum(-1, keepdim=True)) / tau
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_noise_trains_the_argmax_routes_with_softmax_gradients() -> None:
+    logits = torch.tensor([[[0.3, -0.2], [-1.0, 2.0]]], requires_grad=True)
+    tau = 2.0
+    out = _sample(logits, tau, 0.0)
+    assert torch.equal(out.detach(), torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
+    out[..., 1].sum().backward()
+    # d softmax(l / tau)_1 / d l_1 = p0 p1 / tau, and the opposite for l_0
+    p1 = torch.sigmoid((logits[..., 1] - logits[..., 0]) / tau).detach()
+    expected = torch.stack([-p1 * (1 - p1) / tau, p1 * (1 - p1) / tau], -1)
+    torch.testing.assert_close(logits.grad, expected)
+
+
+def test_noise_anneals_linearly_and_training_routes_reach_the_eval_routes(
+    tiny_resnet_source: pt.LayeredNet, tiny_task: pt.Task
+) -> None:
+    method, model = _build("spottune", tiny_resnet_source, noise_final=0.0, anneal_epochs=4)
+    assert [method.config.noise_at(e) for e in range(6)] == pytest.approx([1, 0.75, 0.5, 0.25, 0, 0])
+    assert [make_method("spottune").config.noise_at(e) for e in (0, 9)] == [1.0, 1.0]
+    stats = [method.epoch_stats()["noise"] for _ in range(5)]
+    assert stats == pytest.approx([1, 0.75, 0.5, 0.25, 0])
+    assert float(model.noise) == 0.0 and "noise" in model.state_dict()
+    x = tiny_task.train.x
+    eval_routes = method.routes(model, x)
+    model.train()
+    model.policy.eval()  # the same BatchNorm statistics as at test time; only the noise could differ
+    train_routes = model.decide(x).detach()
+    assert torch.equal(train_routes, eval_routes)  # no noise: training follows the test-time routes
+    method.config.noise_final = None
+    model.noise.fill_(1.0)
+    assert not torch.equal(model.decide(x).detach(), eval_routes)
 
 
 # ---- 9-10: the compact global variant (Sec. 3.3) -------------------------------------------------
@@ -468,6 +518,8 @@ def test_wrapped_model_survives_deepcopy(tiny_wrapped_source: pt.LayeredNet) -> 
         ("spottune", {"tau": 1.0, "tau_min": 2.0}, "tau_min <= tau"),
         ("spottune", {"tau_min": 0.0}, "0 < tau_min"),
         ("spottune", {"anneal_epochs": 0}, "anneal_epochs must be >= 1"),
+        ("spottune", {"noise_final": -0.1}, "noise_final must lie in [0, 1]"),
+        ("spottune", {"noise_final": 1.5}, "noise_final must lie in [0, 1]"),
         ("spottune", {"policy_lr_mult": 0.0}, "policy_lr_mult"),
         ("spottune", {"freeze_first": -1}, "freeze_first >= 0"),
         ("spottune", {"eval_route": "sometimes"}, "use one of policy, finetuned, frozen"),
@@ -476,7 +528,7 @@ def test_wrapped_model_survives_deepcopy(tiny_wrapped_source: pt.LayeredNet) -> 
     ],
 )
 def test_config_errors(spec: str, options: dict, message: str) -> None:
-    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
         make_method(spec, **options)
 
 

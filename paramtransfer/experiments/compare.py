@@ -3,13 +3,19 @@
 The learning rate of each method variant is the one with the best mean validation accuracy over
 seeds; a learning rate at which any seed diverged is not eligible (the table says so). Test accuracy
 is reported only at the selected learning rate, as mean ± std over seeds.
+
+Method options prefixed ``arch.`` change the architecture the variant runs on: ``finetune[arch.depth=38]``
+fine-tunes a ResNet-38 pretrained on the same source task (cached like the main source), e.g. SpotTune's
+"deeper fine-tuned network" baseline next to ResNet-20 methods in one table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +89,7 @@ class PlannedRun:
     options: dict[str, Any]
     lr: float | None
     seed: int
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def directory(self, root: Path) -> Path:
         safe = re.sub(r"[^A-Za-z0-9=.+-]+", "_", self.variant).strip("_")
@@ -95,22 +102,57 @@ class PlannedRun:
         )
 
 
-def plan_runs(config: CompareConfig, source: LayeredNet | None) -> list[PlannedRun]:
-    """Expand method specs (``finetune[freeze=all]`` -> one variant per l) into the run grid."""
+ARCH_PREFIX = "arch."
+
+
+def split_arch_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``{"lr_mult": 2, "arch.depth": 38}`` -> ``({"lr_mult": 2}, {"depth": 38})``."""
+    method = {k: v for k, v in options.items() if not k.startswith(ARCH_PREFIX)}
+    arch = {k[len(ARCH_PREFIX) :]: v for k, v in options.items() if k.startswith(ARCH_PREFIX)}
+    if "" in arch:
+        raise UserError(f"write architecture options as {ARCH_PREFIX}NAME=VALUE, e.g. arch.depth=38")
+    return method, arch
+
+
+def _with_arch(variant: str, arch_kwargs: dict[str, Any]) -> str:
+    if not arch_kwargs:
+        return variant
+    extra = ",".join(f"{ARCH_PREFIX}{k}={v}" for k, v in sorted(arch_kwargs.items()))
+    return f"{variant[:-1]},{extra}]" if variant.endswith("]") else f"{variant}[{extra}]"
+
+
+def variant_name(spec: str) -> str:
+    """The name a method spec's runs are recorded under: ``"finetune[stochastic=true]"`` ->
+    ``"finetune[stochastic=True]"``, ``"spottune[tau=5.0]"`` -> ``"spottune"`` (defaults dropped)."""
+    name, options = parse_method_spec(spec)
+    options, arch_kwargs = split_arch_options(options)
+    return _with_arch(make_method(name, **options).variant(), arch_kwargs)
+
+
+def plan_runs(
+    config: CompareConfig,
+    source: LayeredNet | None,
+    source_for: Callable[[dict[str, Any]], LayeredNet | None] | None = None,
+) -> list[PlannedRun]:
+    """Expand method specs (``finetune[freeze=all]`` -> one variant per l) into the run grid.
+
+    ``source_for(arch_kwargs)`` gives the source of variants with ``arch.`` options (default: ``source``).
+    """
     plan: list[PlannedRun] = []
     seen: set[str] = set()
     for spec in config.methods:
         name, options = parse_method_spec(spec)
         cls = METHODS.get(name)
-        options = {**config.method_options.get(name, {}), **options}
-        for opts in cls.expand(options, source):
+        options, arch_kwargs = split_arch_options({**config.method_options.get(name, {}), **options})
+        src = source_for(arch_kwargs) if arch_kwargs and cls.needs_source and source_for else source
+        for opts in cls.expand(options, src):
             method = cls(make_config(cls.Config, opts, f"method {name!r}"))
-            variant = method.variant()
+            variant = _with_arch(method.variant(), arch_kwargs)
             if variant in seen:
                 continue
             seen.add(variant)
             lrs: list[float | None] = list(config.lrs) if cls.trains else [None]
-            plan += [PlannedRun(variant, name, opts, lr, s) for lr in lrs for s in config.seeds]
+            plan += [PlannedRun(variant, name, opts, lr, s, arch_kwargs) for lr in lrs for s in config.seeds]
     return plan
 
 
@@ -200,7 +242,28 @@ def compare(
             limit=config.source_limit,
             progress=progress,
         )
-    plan = plan_runs(config, src)
+    sources: dict[str, LayeredNet | None] = {}
+
+    def source_for(arch_kwargs: dict[str, Any]) -> LayeredNet | None:
+        key = json.dumps(arch_kwargs, sort_keys=True)
+        if key not in sources:
+            if source is not None or Path(config.source).expanduser().exists():
+                raise UserError(
+                    "arch. options retrain the source with another architecture; they need the source "
+                    f"as a task spec (e.g. fashion[0-4]), not a saved model ({config.source})"
+                )
+            sources[key] = resolve_source(
+                config.source,
+                config.arch,
+                epochs=config.source_epochs,
+                seed=config.source_seed,
+                limit=config.source_limit,
+                arch_kwargs=arch_kwargs,
+                progress=progress,
+            )
+        return sources[key]
+
+    plan = plan_runs(config, src, source_for)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -210,11 +273,16 @@ def compare(
     for p in plan:
         if bar is not None:
             bar.set_postfix_str(f"{p.variant} lr={p.lr} seed={p.seed}")
+        run_source = src
+        if p.arch_kwargs:  # its own source, or none (scratch builds the architecture from arch_kwargs)
+            run_source = source_for(p.arch_kwargs) if METHODS.get(p.spec).needs_source else None
         result, _ = train_model(
             make_method(p.spec, **p.options),
-            source=src,
+            source=run_source,
             target=config.target,
             arch=config.arch,
+            arch_kwargs=p.arch_kwargs or None,
+            variant=p.variant,
             seed=p.seed,
             lr=p.lr,
             epochs=config.epochs,

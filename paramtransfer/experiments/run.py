@@ -123,11 +123,13 @@ def train_model(
     save_weights: bool = False,
     progress: bool = False,
     callbacks: tuple = (),
+    variant: str | None = None,
 ) -> tuple[RunResult, nn.Module | None]:
     """Run one method and return its :class:`RunResult` and trained model (``None`` if reused/untrained).
 
     With ``out`` the run checkpoints every epoch to ``out/checkpoint.pt``, resumes from it if killed,
     writes ``out/result.json`` atomically, and returns the existing result if it is already complete.
+    ``variant`` is the name the run is recorded under (default: the method's variant name).
     """
     m = make_method(method, **(method_options or {}))
     if source is not None and arch is not None and source.arch not in (arch, "custom", "wrapped"):
@@ -163,7 +165,8 @@ def train_model(
         "data": {"val_shots": val_shots, "limit": limit, "test_limit": test_limit},
         "arch_kwargs": dict(arch_kwargs or (source.arch_kwargs if source is not None else {})),
     }
-    identity = [m.variant(), task.spec, seed, run_arch, config, _source_identity(source)]
+    variant = variant or m.variant()
+    identity = [variant, task.spec, seed, run_arch, config, _source_identity(source)]
     fingerprint = _fingerprint(identity, omit_defaults=True)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None and (out_dir / RESULT).is_file():
@@ -176,7 +179,7 @@ def train_model(
             return old, None
 
     t0 = time.perf_counter()
-    common = dict(method=m.variant(), source=_source_name(source), target=task.spec, arch=run_arch, seed=seed)
+    common = dict(method=variant, source=_source_name(source), target=task.spec, arch=run_arch, seed=seed)
     if not m.trains:
         res = m.fit_evaluate(source, task, seed)
         result = RunResult(

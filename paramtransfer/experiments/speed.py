@@ -2,7 +2,8 @@
 
 Steps of all methods are interleaved (round-robin) and the median of the repeats is taken, so that
 machine load affects every method alike. Each method runs exactly as the trainer runs it: the
-trainer's optimizer, BatchNorm handling and memory format.
+trainer's optimizer, BatchNorm handling and memory format. A spec's ``arch.`` options (as in compare)
+change the architecture it runs on, e.g. ``finetune[arch.depth=38]``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 import torch
 
-from paramtransfer.methods.base import make_method
+from paramtransfer.experiments.compare import split_arch_options
+from paramtransfer.methods.base import make_method, parse_method_spec
 from paramtransfer.models.zoo import build_model
 from paramtransfer.train.trainer import (
     TrainConfig,
@@ -27,8 +29,10 @@ from paramtransfer.train.trainer import (
 
 
 def _steppers(spec: str, arch: str, batch: int, seed: int) -> tuple[Callable[[], None], Callable[[], None]]:
-    source = build_model(arch, 5, seed=seed)
-    method = make_method(spec)
+    name, options = parse_method_spec(spec)
+    options, arch_kwargs = split_arch_options(options)  # finetune[arch.depth=38]: a deeper source
+    source = build_model(arch, 5, seed=seed, **arch_kwargs)
+    method = make_method(name, **options)
     model = method.build(source, 5, arch=arch, in_shape=source.in_shape, seed=seed)
     channels_last = uses_channels_last(model, TrainConfig())
     if channels_last:

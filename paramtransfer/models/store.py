@@ -145,9 +145,11 @@ def resolve_source(
     epochs: int = 3,
     seed: int = 0,
     limit: int | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> LayeredNet | None:
-    """A source from a LayeredNet, a saved model path, or a task spec (pretrained and cached)."""
+    """A source from a LayeredNet, a saved model path, or a task spec (pretrained and cached; ``arch_kwargs``
+    are the architecture's options, e.g. ``{"depth": 32}``)."""
     if source is None or isinstance(source, torch.nn.Module):
         return source
     if Path(source).expanduser().exists():
@@ -159,4 +161,6 @@ def resolve_source(
         return model
     if arch is None:
         raise UserError(f"to pretrain a source on {source!r} give --arch (e.g. lenet)")
-    return pretrain(arch, source, epochs=epochs, seed=seed, limit=limit, progress=progress)
+    return pretrain(
+        arch, source, epochs=epochs, seed=seed, limit=limit, arch_kwargs=arch_kwargs, progress=progress
+    )
