@@ -48,16 +48,15 @@ def main() -> None:
     for spec, row in ROWS:
         variant = variant_name(spec)
         entries = [sel.get(variant) for _, sel in loaded]
-        cells = [
-            f"{100 * e['test_mean']:.2f} ± {100 * e['test_std']:.2f}" if e and e.get("status") == "ok" else "—"
-            for e in entries
-        ]
+        ok = [e if e and e.get("status") == "ok" else None for e in entries]
+        cells = [f"{100 * e['test_mean']:.2f} ± {100 * e['test_std']:.2f}" if e else "—" for e in ok]
         score = "—"
-        if all(e and e.get("status") == "ok" for e in entries):
-            score = f"{decathlon_score([1 - e['test_mean'] for e in entries], e_max):.0f}"
+        if all(ok):
+            score = f"{decathlon_score([1 - e['test_mean'] for e in ok], e_max):.0f}"
         print(f"| {row} | {' | '.join(cells)} | {score} |")
     print()
-    print(f"Decathlon score: E_max = 2 × fine-tuning's test error; {len(loaded)} targets, at most {1000 * len(loaded)}.")
+    n = len(loaded)
+    print(f"Decathlon score: E_max = 2 × fine-tuning's test error; {n} targets, at most {1000 * n}.")
 
 
 if __name__ == "__main__":
