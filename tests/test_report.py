@@ -78,3 +78,24 @@ def test_report_draws_the_gate_figure_only_with_ptu(summary: dict, tmp_path: Pat
     assert (tmp_path / "with" / "table.md").read_text() == comparison_table(summary)
     del summary["selected"]["ptu"]
     assert "ptu_gates" not in write_report(summary, tmp_path / "without")
+
+
+def test_spottune_rows_pool_the_chosen_runs_and_draw_one_row_per_entry(summary: dict, tmp_path: Path) -> None:
+    from paramtransfer.report.plots import plot_spottune, plot_spottune_rows, spottune_rows
+
+    assert plot_spottune(summary, tmp_path / "none.png") is None  # no spottune variant
+    summary["selected"]["spottune"] = _entry(0.8, 0.8, lr=0.1)
+    summary["selected"]["spottune_global"] = {"status": "diverged", "lr": None}
+    for seed, frac in ((0, [1.0, 0.0]), (1, [0.5, 0.5])):
+        run = _run("spottune", 0.1, seed)
+        run["diagnostics"] = {"finetune_fraction": frac, "blocks_used_histogram": [1, 2, 3]}
+        summary["runs"].append(run)
+    summary["runs"].append({**_run("spottune", 0.01, 0), "diagnostics": {"finetune_fraction": [9, 9]}})
+    rows = spottune_rows(summary)
+    assert [v for v, _ in rows] == ["spottune"]  # the diverged variant and the other lr are left out
+    assert [d["finetune_fraction"] for d in rows[0][1]] == [[1.0, 0.0], [0.5, 0.5]]
+    assert spottune_rows(summary, ["spottune_global", "finetune"]) == []
+    path = plot_spottune(summary, tmp_path / "one.png")
+    assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    two = plot_spottune_rows([("target a", rows[0][1]), ("target b", rows[0][1])], tmp_path / "two.png")
+    assert two.stat().st_size > path.stat().st_size  # two rows of panels

@@ -5,7 +5,8 @@ Test accuracy (mean ± std over 3 seeds, learning rate chosen on validation) of 
 SpotTune variant on each target, the paper's row names first. The score is
 ``S = sum_i 1000 / E_max^2 * max(0, E_max - E_i)^2`` (``paramtransfer.metrics.decathlon_score``) with
 ``E_max = 2 x`` standard fine-tuning's error on the target, the Decathlon's convention (Rebuffi et al.
-2017) that gives fine-tuning 250 per target; 1000 per target is a perfect classifier.
+2017) that gives fine-tuning 250 per target; 1000 per target is a perfect classifier. It also draws the
+paper's Figs. 3-4 with one row per target (``results/spottune_targets.png``) for the default ``spottune``.
 """
 
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from paramtransfer.experiments.compare import variant_name
 from paramtransfer.metrics import decathlon_score
+from paramtransfer.report.plots import plot_spottune_rows, spottune_rows
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = [("fashion_20shots", "Fashion [5-9], 20 shots"), ("fashion_100shots", "Fashion [5-9], 100 shots")]
@@ -35,11 +37,13 @@ ROWS = [
 
 
 def main() -> None:
-    loaded = []
+    loaded, figure_rows = [], []
     for name, title in TARGETS:
         path = RESULTS / name / "results.json"
         if path.is_file():
-            loaded.append((title, json.loads(path.read_text())["selected"]))
+            summary = json.loads(path.read_text())
+            loaded.append((title, summary["selected"]))
+            figure_rows += [(f"{title}, {v}", d) for v, d in spottune_rows(summary, ["spottune"])]
     if not loaded:
         raise SystemExit(f"no results under {RESULTS}; run: bash benchmarks/run.sh spottune")
     print(f"| method | {' | '.join(t for t, _ in loaded)} | Decathlon score |")
@@ -55,6 +59,8 @@ def main() -> None:
             score = f"{decathlon_score([1 - e['test_mean'] for e in ok], e_max):.0f}"
         print(f"| {row} | {' | '.join(cells)} | {score} |")
     print()
+    if figure_rows:
+        plot_spottune_rows(figure_rows, RESULTS / "spottune_targets.png")
     n = len(loaded)
     print(f"Decathlon score: E_max = 2 × fine-tuning's test error; {n} targets, at most {1000 * n}.")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,35 +219,44 @@ def plot_dtnh(summary: dict[str, Any], path: Path, max_rows: int = 6) -> Path | 
     return path
 
 
-def plot_spottune(summary: dict[str, Any], path: Path) -> Path | None:
-    """SpotTune paper Figs. 3-4 for each ``spottune`` variant at its chosen learning rate (seeds pooled).
-
-    Left: fraction of test examples routed through the fine-tuned copy of each block (Fig. 3).
-    Right: how many fine-tuned blocks each test example used (Fig. 4).
-    """
+def spottune_rows(summary: dict[str, Any], variants: Sequence[str] | None = None) -> list[tuple[str, list]]:
+    """``(variant, diagnostics of its chosen runs)`` for each ``spottune`` variant (or the given ones)."""
     selected = summary["selected"]
     rows = []
-    for variant in sorted(selected):
-        if not variant.startswith("spottune") or selected[variant].get("status") != "ok":
+    for variant in sorted(selected) if variants is None else variants:
+        if not variant.startswith("spottune") or selected.get(variant, {}).get("status") != "ok":
             continue
         diags = [r["diagnostics"] for r in _chosen_histories(summary, variant)]
         diags = [d for d in diags if "finetune_fraction" in d]
         if diags:
             rows.append((variant, diags))
-    if not rows:
-        return None
+    return rows
+
+
+def plot_spottune(summary: dict[str, Any], path: Path) -> Path | None:
+    """SpotTune paper Figs. 3-4 for each ``spottune`` variant at its chosen learning rate (seeds pooled)."""
+    rows = [(label(v), d) for v, d in spottune_rows(summary)]
+    return plot_spottune_rows(rows, path) if rows else None
+
+
+def plot_spottune_rows(rows: Sequence[tuple[str, list]], path: Path) -> Path:
+    """One row per ``(title, diagnostics of runs)``; the paper's figures have one row per target.
+
+    Left: fraction of test examples routed through the fine-tuned copy of each block (Fig. 3).
+    Right: how many fine-tuned blocks each test example used (Fig. 4).
+    """
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.2 * len(rows)), squeeze=False)
-    for (variant, diags), (ax3, ax4) in zip(rows, axes, strict=True):
+    for (title, diags), (ax3, ax4) in zip(rows, axes, strict=True):
         blocks = list(range(1, len(diags[0]["finetune_fraction"]) + 1))
         frac = [_mean([d["finetune_fraction"][i] for d in diags]) for i in range(len(blocks))]
         ax3.bar(blocks, frac)
         ax3.set(xlabel="routed block", ylabel="fraction fine-tuned", ylim=(0, 1), xticks=blocks)
-        ax3.set_title(f"Fig. 3: {label(variant)}", fontsize=9)
+        ax3.set_title(f"Fig. 3: {title}", fontsize=9)
         hist = [sum(d["blocks_used_histogram"][j] for d in diags) for j in range(len(blocks) + 1)]
         total = sum(hist) or 1
         ax4.bar(range(len(hist)), [h / total for h in hist])
         ax4.set(xlabel="fine-tuned blocks used by an example", ylabel="fraction of test examples")
-        ax4.set_title(f"Fig. 4: {label(variant)}", fontsize=9)
+        ax4.set_title(f"Fig. 4: {title}", fontsize=9)
         for ax in (ax3, ax4):
             ax.grid(alpha=0.3)
     fig.tight_layout()
