@@ -1,4 +1,4 @@
-"""The ``paramtransfer`` command: pretrain | run | compare | demo | report.
+"""The ``paramtransfer`` command: pretrain | run | compare | demo | report | modelset | rank.
 
 Bad input (unknown method or arch, class range outside the dataset, missing data, bad shots, a
 malformed ``--set``, a source that does not fit) ends with one line on stderr and exit code 2.
@@ -23,7 +23,9 @@ EPILOG = """\
   METHOD.FIELD=V    a method's option, e.g. l2sp.alpha=0.1, knowdist.layers=[0,1], knn.ks=[1,5]
   FIELD=V           the training or method field of that name, e.g. batch_size=64 or alpha=0.1
 Methods take options in brackets too: finetune[freeze=2], finetune[freeze=all] (every FT-l),
-finetune[last_k=2], finetune[stochastic=true], l2sp[alpha=0.1,beta=0.01].
+finetune[last_k=2], finetune[stochastic=true], l2sp[alpha=0.1,beta=0.01]. In compare, options
+prefixed arch. run that variant on another architecture pretrained on the same source task, e.g.
+finetune[arch.depth=38] (a ResNet-38 next to ResNet-20 methods).
 """
 
 
@@ -222,7 +224,148 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir", help="a compare/demo output directory")
     p.add_argument("--out", default=None, help="where to write (default: DIR)")
+    _add_modelset_parser(sub)
+    _add_rank_parser(sub)
     return parser
+
+
+def _add_rank_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "rank",
+        help="rank candidate source models for a target: LPS similarity, LogME, LEEP, NCE, H-score",
+        description="Score every candidate source on the target's labelled examples and write OUT/rank.json "
+        "and OUT/rank.md. LPS (cosine similarity to a probe trained on the target, in a second-order "
+        "network trained on a model set) needs a model set: the candidates' own (--sources DIR) or "
+        "--lps-set DIR. With --verify every candidate is also fine-tuned briefly and each ranking is "
+        "compared with the fine-tuned accuracy by the weighted Kendall tau.",
+    )
+    p.add_argument("--target", required=True, help="target task spec, e.g. 'fashion[3,7]' or digits")
+    p.add_argument(
+        "--sources",
+        required=True,
+        nargs="+",
+        metavar="DIR|MODEL",
+        help="a model set directory, or saved models",
+    )
+    p.add_argument(
+        "--lps-set", default=None, metavar="DIR", help="model set to train LPS on (default: --sources)"
+    )
+    p.add_argument(
+        "--shots", type=_positive_int, default=20, help="labelled target examples per class (default: 20)"
+    )
+    p.add_argument(
+        "--verify", action="store_true", help="fine-tune every candidate and report weighted Kendall tau"
+    )
+    p.add_argument(
+        "--verify-epochs",
+        type=_positive_int,
+        default=10,
+        help="fine-tuning epochs with --verify (default: 10)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the target split and of training (default: 0)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", default="runs/rank", help="output directory (default: runs/rank)")
+
+
+MODELSET_EPILOG = """\
+--set KEY=VALUE (repeatable):
+  arch.FIELD=V      architecture option, e.g. arch.width=8 arch.hidden=64 (a small lenet)
+  train.FIELD=V     training: batch_size (default 32), optimizer, momentum, weight_decay, schedule, ...
+The set is resumable: run the same command again and finished models (listed in DIR/index.json) are
+skipped; a larger --models-per-task or --max-tasks extends it.
+"""
+
+
+def _add_modelset_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "modelset",
+        help="build a model set (many small models per task) and evaluate LPS on it",
+        description="LPS model sets (Wang et al., Sec. 5): `build` trains M models on every pair of "
+        "classes of a dataset; `eval` trains the second-order network on their weights and reports task "
+        "classification, retrieval, transferability, per-branch accuracy and the alignment ablation.",
+    )
+    actions = p.add_subparsers(dest="modelset_command", required=True, metavar="ACTION")
+    b = actions.add_parser(
+        "build",
+        help="train M models per task and write DIR/index.json",
+        description="Train --models-per-task models (each with its own seed) from scratch on every pair of\n"
+        "classes of --dataset (45 two-class tasks, as ModelSet500 in LPS Sec. 5) and save them under\n"
+        "OUT/models/<task>/<seed>/; OUT/index.json lists the finished ones.",
+        epilog=MODELSET_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument(
+        "--dataset", required=True, metavar="fashion|digits", help="dataset whose classes form the tasks"
+    )
+    b.add_argument("--tasks", default="pairs", help="task layout: pairs (every pair of classes; the default)")
+    b.add_argument(
+        "--max-tasks", type=_positive_int, default=None, metavar="N", help="only the first N tasks"
+    )
+    b.add_argument(
+        "--models-per-task", type=_positive_int, default=10, metavar="M", help="models per task (default: 10)"
+    )
+    b.add_argument("--arch", default="lenet", help="architecture of every model (default: lenet)")
+    b.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help="epochs per model (default: 3 for fashion, 20 for digits)",
+    )
+    b.add_argument("--lr", type=float, default=0.02, help="learning rate (default: 0.02)")
+    b.add_argument(
+        "--shots", type=_positive_int, default=None, help="training examples per class (default: all)"
+    )
+    b.add_argument(
+        "--limit", type=_positive_int, default=None, metavar="N", help="cap training examples per model"
+    )
+    b.add_argument(
+        "--seed", type=int, default=0, help="data split seed and base of the model seeds (default: 0)"
+    )
+    b.add_argument(
+        "--executor",
+        default="local",
+        metavar="local|ray",
+        help="where models train (default: local, in-process)",
+    )
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common(b, out="runs/modelset")
+
+    e = actions.add_parser(
+        "eval",
+        help="evaluate LPS and its baselines on a model set -> OUT/eval.json",
+        description="Train second-order networks on the weights of a model set and write OUT/eval.json: "
+        "task classification (Sec. 5.1) and retrieval (5.2) for LPS, random prediction, FlatFC and "
+        "FrobeniusFC; transferability (5.3); top-1 per branch (5.4); the alignment ablation (5.5). Prints "
+        "a summary table.",
+    )
+    e.add_argument("dir", help="a model set directory (from `paramtransfer modelset build`)")
+    e.add_argument("--out", default=None, help="where to write eval.json (default: DIR)")
+    e.add_argument(
+        "--epochs", type=_positive_int, default=20, help="epochs per second-order network (default: 20)"
+    )
+    e.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
+    e.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="models per step (default: 8; the paper: 1)"
+    )
+    e.add_argument("--embed-dim", type=_positive_int, default=64, help="embedding size (default: 64)")
+    e.add_argument(
+        "--filters", type=_positive_int, default=16, help="second-order filters per layer (default: 16)"
+    )
+    e.add_argument(
+        "--ari-images",
+        type=_positive_int,
+        default=500,
+        help="test images per task for k-means (default: 500)",
+    )
+    e.add_argument(
+        "--sections",
+        default="classification,retrieval,transferability,branches,alignment",
+        help="comma-separated sections to run (default: all five)",
+    )
+    e.add_argument("--seed", type=int, default=0, help="seed of splits, networks and k-means (default: 0)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _effective_arch(source: str, arch: str | None) -> str:
@@ -362,6 +505,74 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(p) for p in written.values()))
 
 
+def _cmd_modelset(args: argparse.Namespace) -> None:
+    from paramtransfer.selection.modelset import (
+        build_modelset,
+        evaluate_modelset,
+        format_summary,
+        parse_build_sets,
+    )
+
+    if args.modelset_command == "build":
+        arch_kwargs, train_options = parse_build_sets(args.set)
+        entries = build_modelset(
+            args.dataset,
+            args.out,
+            tasks=args.tasks,
+            models_per_task=args.models_per_task,
+            arch=args.arch,
+            epochs=args.epochs,
+            max_tasks=args.max_tasks,
+            shots=args.shots,
+            limit=args.limit,
+            lr=args.lr,
+            seed=args.seed,
+            arch_kwargs=arch_kwargs,
+            train_options=train_options,
+            progress=not args.quiet,
+            executor=args.executor,
+        )
+        accuracies = [e["test_accuracy"] for e in entries]
+        print(
+            f"{len(entries)} models on {len({e['task'] for e in entries})} tasks, mean test accuracy "
+            f"{100 * sum(accuracies) / len(accuracies):.2f}%"
+        )
+        print(f"wrote {Path(args.out) / 'index.json'}")
+        return
+    report = evaluate_modelset(
+        args.dir,
+        out=args.out,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        embed_dim=args.embed_dim,
+        filters=args.filters,
+        seed=args.seed,
+        ari_images=args.ari_images,
+        sections=[s.strip() for s in args.sections.split(",") if s.strip()],
+        progress=not args.quiet,
+    )
+    print(format_summary(report))
+    print(f"wrote {Path(args.out or args.dir) / 'eval.json'}")
+
+
+def _cmd_rank(args: argparse.Namespace) -> None:
+    from paramtransfer.selection.rank import RankConfig, format_rank, rank_sources
+
+    config = RankConfig(shots=args.shots, seed=args.seed, verify_epochs=args.verify_epochs)
+    report = rank_sources(
+        args.target,
+        args.sources,
+        args.out,
+        config=config,
+        verify=args.verify,
+        lps_set=args.lps_set,
+        progress=not args.quiet,
+    )
+    print(format_rank(report))
+    print(f"wrote {Path(args.out) / 'rank.json'} and rank.md")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
@@ -370,6 +581,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "compare": _cmd_compare,
         "demo": _cmd_compare,
         "report": _cmd_report,
+        "modelset": _cmd_modelset,
+        "rank": _cmd_rank,
     }
     try:
         import paramtransfer  # noqa: F401  (registers methods)
