@@ -232,16 +232,21 @@ def compare(
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    src = source
-    if src is None and any(METHODS.get(parse_method_spec(s)[0]).needs_source for s in config.methods):
-        src = resolve_source(
+
+    def pretrained(arch_kwargs: dict[str, Any] | None = None) -> LayeredNet | None:
+        return resolve_source(
             config.source,
             config.arch,
             epochs=config.source_epochs,
             seed=config.source_seed,
             limit=config.source_limit,
+            arch_kwargs=arch_kwargs,
             progress=progress,
         )
+
+    src = source
+    if src is None and any(METHODS.get(parse_method_spec(s)[0]).needs_source for s in config.methods):
+        src = pretrained()
     sources: dict[str, LayeredNet | None] = {}
 
     def source_for(arch_kwargs: dict[str, Any]) -> LayeredNet | None:
@@ -252,15 +257,7 @@ def compare(
                     "arch. options retrain the source with another architecture; they need the source "
                     f"as a task spec (e.g. fashion[0-4]), not a saved model ({config.source})"
                 )
-            sources[key] = resolve_source(
-                config.source,
-                config.arch,
-                epochs=config.source_epochs,
-                seed=config.source_seed,
-                limit=config.source_limit,
-                arch_kwargs=arch_kwargs,
-                progress=progress,
-            )
+            sources[key] = pretrained(arch_kwargs)
         return sources[key]
 
     plan = plan_runs(config, src, source_for)
