@@ -33,6 +33,7 @@ from paramtransfer.selection.modelset import (
     _top_k,
     build_modelset,
     evaluate_modelset,
+    load_modelset,
     read_index,
     task_pairs,
 )
@@ -93,6 +94,14 @@ def test_index_lists_every_model_with_its_files_and_accuracies(tiny_set: Path) -
     assert not torch.equal(first.blocks[0][0].weight, second.blocks[0][0].weight)
 
 
+def test_scaled_weights_have_unit_rms_per_layer(tiny_set: Path) -> None:
+    ms = load_modelset(tiny_set)
+    scaled = ms.scaled()
+    assert [float(p.square().mean()) for p in scaled] == pytest.approx([1.0] * len(scaled))
+    one = ms.scaled([p[0] for p in ms.params])  # one model (e.g. a probe) gets the set's scale
+    assert all(torch.allclose(a, b[0]) for a, b in zip(one, scaled))
+
+
 def test_a_rerun_trains_nothing_when_every_model_is_finished(set_copy: Path, monkeypatch) -> None:
     def no_training(*args, **kwargs):
         raise AssertionError("a finished model was trained again")
@@ -147,7 +156,7 @@ def _ordered(values: list[float]) -> bool:
 
 
 def test_eval_json_has_every_section_in_range(report: dict) -> None:
-    assert all(name in report for name in SECTIONS) and report["num_models"] == 9
+    assert all(name in report for name in SECTIONS) and report["num_models"] == 9 and report["complete"]
     cls = report["classification"]
     assert (cls["train_models"], cls["test_models"]) == (6, 3)  # per task 2 train, 1 test (80/20, >= 1)
     assert set(cls["methods"]) == set(METHODS)

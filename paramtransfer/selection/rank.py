@@ -30,7 +30,7 @@ from paramtransfer.errors import UserError
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import WEIGHTS, load_model
 from paramtransfer.models.zoo import build_model
-from paramtransfer.selection.modelset import INDEX, EvalConfig, _make_net, _train_net, load_modelset
+from paramtransfer.selection.modelset import INDEX, EvalConfig, load_modelset, train_second_order
 from paramtransfer.selection.scores import hscore, leep, logme, nce
 from paramtransfer.train.checkpoint import atomic_write_bytes, atomic_write_json
 
@@ -131,17 +131,15 @@ def lps_scores(set_dir: Path, candidates: list[Candidate], task: Task, config: R
     from paramtransfer.selection.lps import model_parameters, similarity
 
     ms = load_modelset(set_dir)
-    net = _make_net("lps", ms, len(ms.tasks), config.lps)
-    _train_net(net, ms.params, ms.labels, config.lps, "LPS", progress=False)
-    arch = load_model(candidates[0].path).describe()
-    probe = _probe(arch, task, config)
+    net = train_second_order(ms, config.lps)
+    probe = _probe(load_model(candidates[0].path).describe(), task, config)
+
+    def embed(model: LayeredNet) -> torch.Tensor:
+        return net.embed(ms.scaled([w.unsqueeze(0) for w in model_parameters(model)]))[0]
+
     with torch.no_grad():
-        target = net.embed([w.unsqueeze(0) for w in model_parameters(probe)])[0]
-        out = []
-        for c in candidates:
-            emb = net.embed([w.unsqueeze(0) for w in model_parameters(load_model(c.path))])[0]
-            out.append(float(similarity(emb, target)))
-    return out
+        target = embed(probe)
+        return [float(similarity(embed(load_model(c.path)), target)) for c in candidates]
 
 
 def verify_accuracy(candidate: Candidate, task: Task, config: RankConfig) -> float:
