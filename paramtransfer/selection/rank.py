@@ -30,6 +30,7 @@ from paramtransfer.errors import UserError
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import WEIGHTS, load_model
 from paramtransfer.models.zoo import build_model
+from paramtransfer.selection.lps import model_parameters, similarity
 from paramtransfer.selection.modelset import INDEX, EvalConfig, load_modelset, train_second_order
 from paramtransfer.selection.scores import hscore, leep, logme, nce
 from paramtransfer.train.checkpoint import atomic_write_bytes, atomic_write_json
@@ -128,8 +129,6 @@ def _probe(arch: dict[str, Any], task: Task, config: RankConfig) -> LayeredNet:
 def lps_scores(set_dir: Path, candidates: list[Candidate], task: Task, config: RankConfig) -> list[float]:
     """Cosine similarity between each candidate and the target's probe, in a second-order network trained
     on the model set at ``set_dir`` (Eq. 9 on its task labels)."""
-    from paramtransfer.selection.lps import model_parameters, similarity
-
     ms = load_modelset(set_dir)
     net = train_second_order(ms, config.lps)
     probe = _probe(load_model(candidates[0].path).describe(), task, config)
