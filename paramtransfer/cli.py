@@ -109,6 +109,28 @@ def _common(p: argparse.ArgumentParser, *, out: str) -> None:
     )
 
 
+def _executor_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help=f"where {what} run: local (in this process, one after another; the default) or ray (one Ray "
+        "task each, in parallel; needs pip install 'paramtransfer[ray]')",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --executor ray: an existing Ray cluster (e.g. auto, or ray://HOST:10001) whose "
+        "workers share this filesystem (default: start a local Ray with all CPUs)",
+    )
+
+
+def _open_executor(args: argparse.Namespace):
+    from paramtransfer.experiments.executors import make_executor
+
+    return make_executor(args.executor, args.address)
+
+
 def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--arch",
@@ -194,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="read the comparison from YAML (CompareConfig fields; OUT/config.yaml of an earlier "
             "comparison works); flags given explicitly override it",
         )
+        _executor_args(p, "runs")
         _common(p, out=out)
         p.set_defaults(_parser=p)
 
@@ -323,12 +346,7 @@ def _add_modelset_parser(sub: Any) -> None:
     b.add_argument(
         "--seed", type=int, default=0, help="data split seed and base of the model seeds (default: 0)"
     )
-    b.add_argument(
-        "--executor",
-        default="local",
-        metavar="local|ray",
-        help="where models train (default: local, in-process)",
-    )
+    _executor_args(b, "models train")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(b, out="runs/modelset")
 
@@ -492,7 +510,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     config.data = {**config.data, **data}
     for name, opts in per_method.items():
         config.method_options[name] = {**config.method_options.get(name, {}), **opts}
-    summary = compare(config, args.out, progress=not args.quiet)
+    summary = compare(config, args.out, progress=not args.quiet, executor=_open_executor(args))
     print(comparison_table(summary))
     print(f"wrote {args.out}/results.json, table.md and plots")
 
@@ -531,7 +549,7 @@ def _cmd_modelset(args: argparse.Namespace) -> None:
             arch_kwargs=arch_kwargs,
             train_options=train_options,
             progress=not args.quiet,
-            executor=args.executor,
+            executor=_open_executor(args),
         )
         accuracies = [e["test_accuracy"] for e in entries]
         print(

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from paramtransfer.errors import UserError
-from paramtransfer.experiments.run import RunResult, train_model
+from paramtransfer.experiments.executors import Executor, make_executor
+from paramtransfer.experiments.run import RESULT, RunResult, train_model
 from paramtransfer.methods.base import METHODS, make_config, make_method, parse_method_spec, split_method_list
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import resolve_source
@@ -222,11 +223,14 @@ def compare(
     *,
     source: LayeredNet | None = None,
     progress: bool = True,
+    executor: str | Executor | None = None,
 ) -> dict[str, Any]:
     """Run the grid, select learning rates on validation, write ``results.json``, ``table.md`` and plots.
 
     Finished runs (complete ``result.json`` with the same settings) are reused, so re-running a
-    killed comparison only does what is missing. Returns the content of ``results.json``.
+    killed comparison only does what is missing. ``executor`` runs the missing runs (``local``, the
+    default, in this process; ``ray``, or an :class:`Executor`, one Ray task each); each run's
+    ``result.json`` is written as soon as it finishes. Returns the content of ``results.json``.
     """
     from paramtransfer.report import write_report
 
@@ -261,46 +265,68 @@ def compare(
         return sources[key]
 
     plan = plan_runs(config, src, source_for)
+    jobs = []
+    for p in plan:
+        run_source = src
+        if p.arch_kwargs:  # its own source, or none (scratch builds the architecture from arch_kwargs)
+            run_source = source_for(p.arch_kwargs) if METHODS.get(p.spec).needs_source else None
+        jobs.append(_job(config, p, run_source, root))
+    runner = make_executor(executor)
+    # complete runs are read here, so that only the missing ones go to the executor
+    results: list[RunResult | None] = [run_job({**job, "reuse_only": True}) for job in jobs]
+    todo = [i for i, r in enumerate(results) if r is None]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(plan), desc="runs", unit="run")
-    results: list[RunResult] = []
-    for p in plan:
+        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="runs", unit="run")
+    for k, result in runner.map(run_job, [jobs[i] for i in todo]):
+        i = todo[k]
+        results[i] = result
+        if not (Path(jobs[i]["out"]) / RESULT).is_file():  # a worker without our filesystem
+            result.save(Path(jobs[i]["out"]) / RESULT)
         if bar is not None:
-            bar.set_postfix_str(f"{p.variant} lr={p.lr} seed={p.seed}")
-        run_source = src
-        if p.arch_kwargs:  # its own source, or none (scratch builds the architecture from arch_kwargs)
-            run_source = source_for(p.arch_kwargs) if METHODS.get(p.spec).needs_source else None
-        result, _ = train_model(
-            make_method(p.spec, **p.options),
-            source=run_source,
-            target=config.target,
-            arch=config.arch,
-            arch_kwargs=p.arch_kwargs or None,
-            variant=p.variant,
-            seed=p.seed,
-            lr=p.lr,
-            epochs=config.epochs,
-            shots=config.shots,
-            val_shots=config.data.get("val_shots"),
-            test_limit=config.data.get("test_limit"),
-            train_options=config.train,
-            out=p.directory(root),
-        )
-        results.append(result)
-        if bar is not None:
+            bar.set_postfix_str(f"{plan[i].variant} lr={plan[i].lr} seed={plan[i].seed}")
             bar.update(1)
     if bar is not None:
         bar.close()
+    done = [r for r in results if r is not None]
     summary = {
         "config": dataclasses.asdict(config),
         "source": getattr(src, "source_info", None) if src is not None else None,
-        "selected": select(results),
-        "runs": [r.to_dict() for r in results],
+        "selected": select(done),
+        "runs": [r.to_dict() for r in done],
     }
     atomic_write_json(root / "results.json", summary)
     atomic_write_bytes(root / "config.yaml", dump_compare_config(config).encode())
     write_report(summary, root)
     return summary
+
+
+def _job(config: CompareConfig, p: PlannedRun, source: LayeredNet | None, root: Path) -> dict[str, Any]:
+    """One run of a comparison as plain arguments of :func:`run_job` (picklable, for Ray)."""
+    return {
+        "spec": p.spec,
+        "options": p.options,
+        "variant": p.variant,
+        "source": source,
+        "target": config.target,
+        "arch": config.arch,
+        "arch_kwargs": p.arch_kwargs or None,
+        "seed": p.seed,
+        "lr": p.lr,
+        "epochs": config.epochs,
+        "shots": config.shots,
+        "val_shots": config.data.get("val_shots"),
+        "test_limit": config.data.get("test_limit"),
+        "train_options": config.train,
+        "out": str(p.directory(root)),
+    }
+
+
+def run_job(job: dict[str, Any]) -> RunResult | None:
+    """Train one run of a comparison (or, with ``job["reuse_only"]``, only read its complete result)."""
+    args = dict(job)
+    method = make_method(args.pop("spec"), **args.pop("options"))
+    result, _ = train_model(method, **args)
+    return result

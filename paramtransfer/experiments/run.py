@@ -124,12 +124,14 @@ def train_model(
     progress: bool = False,
     callbacks: tuple = (),
     variant: str | None = None,
-) -> tuple[RunResult, nn.Module | None]:
+    reuse_only: bool = False,
+) -> tuple[RunResult | None, nn.Module | None]:
     """Run one method and return its :class:`RunResult` and trained model (``None`` if reused/untrained).
 
     With ``out`` the run checkpoints every epoch to ``out/checkpoint.pt``, resumes from it if killed,
     writes ``out/result.json`` atomically, and returns the existing result if it is already complete.
     ``variant`` is the name the run is recorded under (default: the method's variant name).
+    With ``reuse_only`` nothing trains: the result is the complete one under ``out``, or ``None``.
     """
     m = make_method(method, **(method_options or {}))
     if source is not None and arch is not None and source.arch not in (arch, "custom", "wrapped"):
@@ -177,6 +179,8 @@ def train_model(
         # results written before the omission of observational defaults carry the full fingerprint
         if old is not None and old.fingerprint in (fingerprint, _fingerprint(identity, omit_defaults=False)):
             return old, None
+    if reuse_only:
+        return None, None
 
     t0 = time.perf_counter()
     common = dict(method=variant, source=_source_name(source), target=task.spec, arch=run_arch, seed=seed)

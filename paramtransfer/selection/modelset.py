@@ -36,7 +36,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from torch import nn
 
 from paramtransfer.data.task import load_task
 from paramtransfer.errors import UserError
+from paramtransfer.experiments.executors import Executor, make_executor
 from paramtransfer.experiments.run import train_model
 from paramtransfer.models.store import META, WEIGHTS, load_model, save_model
 from paramtransfer.models.zoo import build_model
@@ -72,7 +73,6 @@ TOP_K = (1, 5, 10)
 SEEDS_PER_TASK = 1000  # model k of task t has seed ``seed + 1000 * t + k``
 
 Job = dict[str, Any]
-Executor = Callable[[list[Job]], Iterable[dict[str, Any]]]
 
 
 # ---- building --------------------------------------------------------------------------------------
@@ -133,14 +133,14 @@ def build_modelset(
         seed: the data split's seed and the base of the model seeds.
         arch_kwargs: architecture options, e.g. ``{"width": 8, "hidden": 32}`` for a small lenet.
         train_options: :class:`TrainConfig` fields (default batch size 32, no early stopping).
-        executor: ``None``/``"local"`` trains in this process, one model after another; a callable takes
-            the list of job dicts and yields each job's index entry (in any order) as it finishes, e.g.
-            by sending :func:`train_job` to workers. ``"ray"`` is not available yet.
+        executor: ``"local"`` (default) trains in this process, one model after another; ``"ray"`` (or a
+            :class:`~paramtransfer.experiments.executors.RayExecutor`) trains each model as one Ray task,
+            and the index grows as they finish.
 
     Returns:
         The index entries, sorted by task and seed.
     """
-    run_jobs = _resolve_executor(executor)
+    runner = make_executor(executor)
     specs = _select_tasks(dataset, tasks, max_tasks)
     if not 1 <= models_per_task <= SEEDS_PER_TASK:
         raise UserError(f"models_per_task must lie in [1, {SEEDS_PER_TASK}] (got {models_per_task})")
@@ -162,7 +162,7 @@ def build_modelset(
     jobs = [j for j in _jobs(root, specs, models_per_task, settings) if j["path"] not in done]
     atomic_write_json(root / INDEX, _sorted(done.values()))  # drops entries whose files are gone
     bar = _bar(progress, total=len(done) + len(jobs), initial=len(done), desc="models")
-    for entry in run_jobs(jobs):
+    for _, entry in runner.map(train_job, jobs):
         done[entry["path"]] = entry
         atomic_write_json(root / INDEX, _sorted(done.values()))
         if bar is not None:
@@ -201,18 +201,6 @@ def parse_build_sets(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, An
                 f"with FIELD one of {', '.join(sorted(train_fields))}"
             )
     return arch_kwargs, train_options
-
-
-def _resolve_executor(executor: str | Executor | None) -> Executor:
-    if executor is None or executor == "local":
-        return run_local
-    if executor == "ray":
-        raise UserError(
-            "--executor ray is not available yet (Ray support is a separate issue); use --executor local"
-        )
-    if callable(executor):
-        return executor
-    raise UserError(f"unknown executor {executor!r}; use local, or pass a callable from Python")
 
 
 def _select_tasks(dataset: str, tasks: str, max_tasks: int | None) -> list[str]:
@@ -254,12 +242,6 @@ def _jobs(root: Path, specs: Sequence[str], models_per_task: int, settings: dict
             path = f"models/{spec}/{model_seed}"
             jobs.append({**common, "path": path, "task": spec, "task_id": task_id, "seed": model_seed})
     return jobs
-
-
-def run_local(jobs: list[Job]) -> Iterator[dict[str, Any]]:
-    """The default executor: train the jobs in this process, one after another."""
-    for job in jobs:
-        yield train_job(job)
 
 
 def train_job(job: Job) -> dict[str, Any]:

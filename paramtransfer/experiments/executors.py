@@ -1,0 +1,150 @@
+"""Where independent runs execute: in this process (the default) or as Ray tasks.
+
+A sweep (methods x learning rates x seeds, a model set's models, a benchmark's settings) is a list of
+*jobs*: plain, picklable arguments of one module-level function. An executor maps that function over
+the jobs and yields ``(index, result)`` pairs as they finish (in completion order for Ray), so callers
+write every result to disk the moment it exists. Callers keep the bookkeeping that makes a re-run
+cheap (skipping jobs whose results are complete) and the files atomic; an executor only runs things.
+
+``RayExecutor`` sends each job to Ray as one task (``num_cpus`` each). A task whose worker process dies
+(killed, out of memory, a crashed node) is retried by Ray up to ``max_retries`` times; an exception
+raised by the job itself is not retried, it stops the sweep with the job's message. Workers must see
+the same files as the driver (one machine, or a shared filesystem for ``--address``), because jobs
+read the data and write their checkpoints and results under the output directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+from paramtransfer.errors import UserError
+
+EXECUTORS = ("local", "ray")
+
+
+class Executor(Protocol):
+    name: str
+
+    def map(self, fn: Callable[[Any], Any], jobs: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        """Run ``fn(job)`` for every job; yield ``(index into jobs, result)`` as each finishes."""
+        ...
+
+
+class LocalExecutor:
+    """In this process, one job after another, in order. Needs nothing beyond the package."""
+
+    name = "local"
+
+    def map(self, fn: Callable[[Any], Any], jobs: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        for i, job in enumerate(jobs):
+            yield i, fn(job)
+
+
+class RayExecutor:
+    """Each job is one Ray task; results stream back in the order they finish.
+
+    Args:
+        address: an existing cluster (``ray.init(address=...)``, e.g. ``auto`` or ``ray://host:10001``);
+            ``None`` starts a local Ray on this machine (with ``num_cpus`` CPUs, default all).
+        num_cpus: CPUs of the local Ray (ignored with ``address``).
+        cpus_per_job: CPUs each task reserves; Ray sets ``OMP_NUM_THREADS`` to it in the worker, so
+            torch uses that many threads per run.
+        max_retries: retries of a task whose worker died (Ray's system-failure retries).
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        num_cpus: int | None = None,
+        cpus_per_job: float = 1,
+        max_retries: int = 3,
+    ) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise UserError(
+                "--executor ray needs Ray: pip install 'paramtransfer[ray]' (or pip install ray)"
+            ) from None
+        self._ray = ray
+        self.address = address
+        self.cpus_per_job = cpus_per_job
+        self.max_retries = max_retries
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+            if address is None:
+                kwargs["num_cpus"] = num_cpus
+                # workers import paramtransfer from wherever the driver does (a source checkout, too)
+                kwargs["runtime_env"] = {"env_vars": _worker_env()}
+            try:
+                ray.init(address=address, **kwargs)
+            except (ConnectionError, ValueError, RuntimeError) as err:
+                raise UserError(
+                    f"cannot start or reach Ray at {address or 'a local instance'}: {err}"
+                ) from None
+
+    def map(self, fn: Callable[[Any], Any], jobs: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        ray = self._ray
+        if not jobs:
+            return
+        remote = ray.remote(num_cpus=self.cpus_per_job, max_retries=self.max_retries)(fn)
+        pending = {remote.remote(job): i for i, job in enumerate(jobs)}
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                ref = done[0]
+                i = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as err:
+                    cause = err.cause if getattr(err, "cause", None) is not None else err
+                    if isinstance(cause, UserError):
+                        raise UserError(str(cause)) from None
+                    raise cause from None
+                except ray.exceptions.WorkerCrashedError:
+                    raise UserError(
+                        f"job {i} lost its worker {self.max_retries + 1} times (out of memory?); "
+                        "re-run the same command to continue"
+                    ) from None
+                yield i, result
+        finally:
+            for ref in pending:  # stop what is left when the caller stops early (an error, Ctrl-C)
+                ray.cancel(ref, force=True)
+
+    def shutdown(self) -> None:
+        if self.address is None and self._ray.is_initialized():
+            self._ray.shutdown()
+
+
+def _worker_env() -> dict[str, str]:
+    """Environment of local Ray workers: the driver's ``PYTHONPATH`` (plus the package's own root) and the
+    paramtransfer settings (data and source-cache locations)."""
+    import paramtransfer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(paramtransfer.__file__)))
+    paths = [root, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("PARAMTRANSFER_")})
+    return env
+
+
+def make_executor(
+    name: str | Executor | None = "local", address: str | None = None, **ray_options: Any
+) -> Executor:
+    """An executor by name (``local`` or ``ray``), or ``name`` itself if it already is one.
+
+    ``address`` only applies to Ray; ``ray_options`` are :class:`RayExecutor`'s keyword arguments.
+    """
+    if name is None or name == "local":
+        if address is not None:
+            raise UserError("--address is the address of a Ray cluster; use it with --executor ray")
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(address, **ray_options)
+    if hasattr(name, "map"):
+        return name  # type: ignore[return-value]
+    raise UserError(f"unknown executor {name!r}; use one of {', '.join(EXECUTORS)}")
