@@ -1,4 +1,4 @@
-"""The ``paramtransfer`` command: pretrain | run | compare | demo | report | modelset | rank.
+"""The ``paramtransfer`` command: pretrain | run | compare | demo | bench | report | modelset | rank.
 
 Bad input (unknown method or arch, class range outside the dataset, missing data, bad shots, a
 malformed ``--set``, a source that does not fit) ends with one line on stderr and exit code 2.
@@ -241,15 +241,80 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "report",
-        help="rebuild table.md and plots from a comparison's results",
-        description="Rebuild table.md, ft_layers.png and learning_curves.png from DIR/results.json (or from "
-        "DIR/runs/**/result.json) and print the table.",
+        help="rebuild a comparison's table and plots, or a benchmark report, from results alone",
+        description="Rebuild from results alone, never running anything. A compare/demo output "
+        "(DIR/results.json or DIR/runs/**/result.json): table.md, ft_layers.png, learning_curves.png, and "
+        "print the table. A `paramtransfer bench` output (DIR/SUITE/NAME/results.json) or the benchmarks "
+        "folder itself (DIR/SUITE/results/NAME/results.json and DIR/SUITE/paper.yaml): report.md, every "
+        "setting next to the paper's numbers and claims, and figures/claims_SUITE.png; e.g. "
+        "`paramtransfer report benchmarks`.",
     )
-    p.add_argument("dir", help="a compare/demo output directory")
+    p.add_argument("dir", help="a compare/demo output, a bench output, or the benchmarks folder")
     p.add_argument("--out", default=None, help="where to write (default: DIR)")
+    p.add_argument(
+        "--suites",
+        default=None,
+        metavar="DIR",
+        help="with a bench output: the folder of the suites' YAMLs and paper.yaml files (default: the one "
+        "the bench used, from DIR/bench.json, else the repository's benchmarks/)",
+    )
+    _add_bench_parser(sub)
     _add_modelset_parser(sub)
     _add_rank_parser(sub)
     return parser
+
+
+BENCH_DESCRIPTION = """\
+Run the benchmark suites (YAML settings under benchmarks/) and write one report that puts every table
+next to the paper's numbers and says which of the paper's claims our results agree with.
+
+NAME is a suite (a folder of --suites: ptu, dtnh, spottune, ...), one setting (ptu/s1_lenet_20shots: the
+file benchmarks/ptu/s1_lenet_20shots.yaml), all (every setting of every suite), or speed (each method's
+step time, evaluation time and memory next to fine-tuning; not part of all, run it on an idle machine).
+
+Layout:
+  OUT/SUITE/NAME/    results.json, table.md, config.yaml and plots of one setting (as compare writes them)
+  OUT/speed/         results.json of bench speed
+  OUT/report.md      every setting's table beside the paper's numbers, the claims with a verdict
+                     (agree / disagree / inconclusive), and the figures; OUT/figures/claims_SUITE.png
+  --record also copies each setting's results.json, table.md, config.yaml and PNGs to
+  SUITES/SUITE/results/NAME/ (speed: SUITES/speed/results.json) and rebuilds SUITES/report.md.
+
+Finished runs are reused: an interrupted bench continues where it stopped, and a finished setting only
+rebuilds its table and plots. Times on 2 CPU cores (the suites' READMEs): ptu about 1.7 h, dtnh about
+1.3 h, spottune about 2.5 h (ResNet-20 and a ResNet-38 source); speed about 8 min. --executor ray
+spreads each setting's runs over a cluster.
+
+`paramtransfer report OUT` (or `paramtransfer report benchmarks`) rebuilds report.md from the results
+alone, without running anything.
+"""
+
+
+def _add_bench_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run the benchmark suites and write report.md next to the papers' numbers",
+        description=BENCH_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="a suite, SUITE/SETTING, all, or speed")
+    p.add_argument("--out", default="runs/bench", help="output directory (default: runs/bench)")
+    p.add_argument(
+        "--suites",
+        default=None,
+        metavar="DIR",
+        help="the folder of the suites (default: the repository's benchmarks/)",
+    )
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="also copy the results into SUITES/SUITE/results/NAME/ and rebuild SUITES/report.md",
+    )
+    p.add_argument(
+        "--list", action="store_true", help="list the suites and settings (recorded? in OUT?) and exit"
+    )
+    _executor_args(p, "runs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_rank_parser(sub: Any) -> None:
@@ -517,11 +582,44 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 def _cmd_report(args: argparse.Namespace) -> None:
     from paramtransfer.report import comparison_table, load_results, write_report
+    from paramtransfer.report.bench import detect_layout, write_bench_report
 
+    d = Path(args.dir)
+    layout = None
+    if not ((d / "results.json").is_file() or (d / "runs").is_dir()):
+        layout = detect_layout(d, args.suites)
+    if layout is not None:
+        report = write_bench_report(layout, args.out)
+        print(report.summary)
+        print(f"wrote {report.path}")
+        return
     summary = load_results(args.dir)
     written = write_report(summary, args.out or args.dir)
     print(comparison_table(summary))
     print("wrote " + ", ".join(str(p) for p in written.values()))
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from paramtransfer.experiments.bench import SPEED, list_lines, run_bench, suites_root
+
+    if args.list:
+        print("\n".join(list_lines(suites_root(args.suites), args.out, args.name)))
+        return
+    if not args.name:
+        raise UserError(
+            "name a benchmark: a suite (e.g. ptu), SUITE/SETTING, all or speed; --list shows them"
+        )
+    executor = None if args.name == SPEED else _open_executor(args)
+    report = run_bench(
+        args.name,
+        out=args.out,
+        suites=args.suites,
+        record=args.record,
+        executor=executor,
+        progress=not args.quiet,
+    )
+    print(report.summary)
+    print(f"wrote {report.path}")
 
 
 def _cmd_modelset(args: argparse.Namespace) -> None:
@@ -600,6 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "compare": _cmd_compare,
         "demo": _cmd_compare,
         "report": _cmd_report,
+        "bench": _cmd_bench,
         "modelset": _cmd_modelset,
         "rank": _cmd_rank,
     }

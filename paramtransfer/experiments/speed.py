@@ -60,17 +60,63 @@ def _steppers(spec: str, arch: str, batch: int, seed: int) -> tuple[Callable[[],
     return train_step, eval_step
 
 
-def _median_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+def _interleaved_medians(fns: dict[str, Callable[[], float]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median over ``repeats`` rounds of the seconds each ``fn`` reports for itself.
+
+    Every fn runs ``warmup`` times first; then each round calls every fn once, in turn (round-robin),
+    so that a change of machine load during the measurement affects all of them alike. A fn times only
+    the part that is to be compared and leaves its own set-up (e.g. copying a model) out of the clock.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(fn())
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _timed(fn: Callable[[], None]) -> Callable[[], float]:
+    def run() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def _median_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+    return _interleaved_medians({k: _timed(fn) for k, fn in fns.items()}, repeats, warmup)
+
+
+def measure_arch(
+    arch: str,
+    specs: Sequence[str],
+    *,
+    batch: int,
+    repeats: int,
+    warmup: int = 3,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds of one training step and of one evaluation pass of every spec on ``arch``.
+
+    All models are built first; then the training steps of all specs are interleaved, then their
+    evaluation passes. ``log`` (if given) receives one line per model built and per phase.
+    """
+    pairs = {}
+    for spec in specs:
+        if log is not None:
+            log(f"{arch}: building {spec}")
+        pairs[spec] = _steppers(spec, arch, batch, seed)
+    if log is not None:
+        log(f"{arch}: timing training steps ({len(pairs)} methods x {repeats} repeats, interleaved)")
+    train = _median_times({m: p[0] for m, p in pairs.items()}, repeats, warmup)
+    if log is not None:
+        log(f"{arch}: timing evaluation ({len(pairs)} methods x {repeats} repeats, interleaved)")
+    evals = _median_times({m: p[1] for m, p in pairs.items()}, repeats, warmup)
+    return train, evals
 
 
 def step_time_ratios(
@@ -93,9 +139,7 @@ def step_time_ratios(
         out[key] = {}
     for arch in archs:
         specs = [baseline, *[m for m in methods if m != baseline]]
-        pairs = {m: _steppers(m, arch, batch, seed) for m in specs}
-        train = _median_times({m: p[0] for m, p in pairs.items()}, repeats, warmup)
-        evals = _median_times({m: p[1] for m, p in pairs.items()}, repeats, warmup)
+        train, evals = measure_arch(arch, specs, batch=batch, repeats=repeats, warmup=warmup, seed=seed)
         out["train_step_ms"][arch] = {m: 1000 * t for m, t in train.items()}
         out["eval_ms"][arch] = {m: 1000 * t for m, t in evals.items()}
         out["train_step_ratio"][arch] = {m: train[m] / train[baseline] for m in specs if m != baseline}

@@ -1,0 +1,535 @@
+"""The benchmark report: every setting's table next to the paper's numbers, and the paper's claims judged.
+
+``write_bench_report`` rebuilds ``report.md`` (and ``figures/claims_<suite>.png``) from results alone, in
+either layout (:class:`BenchLayout`): a ``paramtransfer bench`` output (``OUT/<suite>/<name>/``) or the
+recorded ``benchmarks/`` folder (``benchmarks/<suite>/results/<name>/``). Each setting's section comes
+from its kind's renderer (``paramtransfer.experiments.bench.KINDS``); :func:`render_compare` renders
+``compare`` settings. The verdict rule is in :mod:`paramtransfer.report.paper`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from paramtransfer.errors import UserError
+from paramtransfer.report.paper import (
+    BEST_FTL,
+    VERDICT_RULE,
+    VERDICTS,
+    ClaimResult,
+    evaluate_claims,
+    load_paper,
+    paper_map,
+    paper_values,
+    resolve_side,
+    show_paper_value,
+    side_paper,
+)
+from paramtransfer.report.tables import best_ft, corrected_base, ft_level, label, row_order
+from paramtransfer.train.checkpoint import atomic_write_bytes
+
+REPORT = "report.md"
+_NUMBERS = re.compile(r"(\d+(?:\.\d+)?)")
+FIGURES = "figures"
+_EMBED_SKIP = ("learning_curves.png",)  # large, and not a paper figure: linked, not shown inline
+
+
+@dataclass
+class Section:
+    """What a kind's renderer returns for one setting: markdown (no heading, no figures), the PNGs to
+    show, and the paper's claims judged on the results."""
+
+    markdown: str
+    figures: list[Path] = field(default_factory=list)
+    claims: list[ClaimResult] = field(default_factory=list)
+
+
+@dataclass
+class BenchLayout:
+    """Where results are: ``root/<suite>/<name>/`` (a bench output) or, with ``recorded``,
+    ``root/<suite>/results/<name>/`` (the benchmarks folder). ``suites`` holds the setting YAMLs and
+    ``paper.yaml`` files (None: unknown, only the results are listed)."""
+
+    root: Path
+    suites: Path | None
+    recorded: bool = False
+
+    def results_dir(self, suite: str, name: str) -> Path:
+        return self.root / suite / "results" / name if self.recorded else self.root / suite / name
+
+    def speed_json(self) -> Path:
+        return self.root / "speed" / "results.json"
+
+    def suite_names(self) -> list[str]:
+        from paramtransfer.experiments.bench import list_suites
+
+        names = set(list_suites(self.suites)) if self.suites is not None and self.suites.is_dir() else set()
+        pattern = "*/results/*/results.json" if self.recorded else "*/*/results.json"
+        names |= {p.relative_to(self.root).parts[0] for p in self.root.glob(pattern)}
+        return sorted(names - {"speed", FIGURES})
+
+    def setting_names(self, suite: str, first: list[str] | None = None) -> list[str]:
+        """``first`` (paper.yaml's order) that exist, then every other setting or result, by name."""
+        from paramtransfer.experiments.bench import suite_settings
+
+        known = set(suite_settings(self.suites, suite)) if self.suites is not None else set()
+        base = self.root / suite / "results" if self.recorded else self.root / suite
+        known |= {p.parent.name for p in base.glob("*/results.json")}
+        ordered = [n for n in first or [] if n in known]
+        return ordered + sorted(known - set(ordered))
+
+
+@dataclass
+class BenchReport:
+    path: Path
+    counts: dict[str, Counter]  # suite -> verdict -> claims
+    ran: dict[str, tuple[int, int]]  # suite -> (settings with results, settings)
+    summary: str  # the report's summary table (markdown)
+
+
+def detect_layout(directory: str | Path, suites: str | Path | None = None) -> BenchLayout | None:
+    """The layout of ``directory`` if it holds bench results (or is a benchmarks folder), else None."""
+    from paramtransfer.experiments.bench import MANIFEST, PAPER_FILE, default_suites_root
+
+    d = Path(directory)
+    if any(d.glob(f"*/{PAPER_FILE}")) or any(d.glob("*/results/*/results.json")):
+        return BenchLayout(d, Path(suites) if suites else d, recorded=True)
+    if (d / MANIFEST).is_file() or any(d.glob("*/*/results.json")):
+        root = Path(suites) if suites else None
+        if root is None and (d / MANIFEST).is_file():
+            recorded_root = Path(json.loads((d / MANIFEST).read_text()).get("suites", ""))
+            root = recorded_root if recorded_root.is_dir() else None
+        if root is None and default_suites_root().is_dir():
+            root = default_suites_root()
+        return BenchLayout(d, root, recorded=False)
+    return None
+
+
+# ---- one compare setting ---------------------------------------------------------------------------
+
+
+def _pm(entry: dict[str, Any]) -> str:
+    return f"{100 * entry['test_mean']:.2f} ± {100 * entry['test_std']:.2f} ({entry.get('n_seeds', '?')})"
+
+
+def _describe(cfg: dict[str, Any]) -> str:
+    seeds, epochs = cfg.get("seeds") or [], cfg.get("epochs")
+    lrs = ", ".join(f"{lr:g}" for lr in cfg.get("lrs") or [])
+    return (
+        f"{cfg.get('source')} → {cfg.get('target')}, {cfg.get('arch')}, "
+        f"{cfg.get('shots') or 'all'} shots per class, {len(seeds)} seed{'s' if len(seeds) != 1 else ''}, "
+        f"{epochs} epoch{'s' if epochs != 1 else ''}; learning rate chosen on validation from {{{lrs}}}"
+    )
+
+
+def _diffs(a: list[float | None], b: list[float | None]) -> str:
+    return " / ".join("—" if x is None or y is None else f"{x - y:+.2f}" for x, y in zip(a, b))
+
+
+def render_compare(summary: dict[str, Any], paper: dict[str, Any] | None, results_dir: Path) -> Section:
+    """A compare setting: one row per method variant (ours, selected lr, the paper's number, Δ to the
+    fine-tuning reference, ours and the paper's), the paper rows with no counterpart, then the claims."""
+    paper = paper or {}
+    selected: dict[str, dict[str, Any]] = summary.get("selected") or {}
+    scale = paper.get("scale", "percent")
+    mapping = paper_map(paper, selected)
+    ref = resolve_side(paper.get("reference", "finetune"), selected)
+    ref_paper = side_paper(ref, mapping)
+    with_paper = bool(paper.get("numbers"))
+    out = []
+    if paper.get("mirrors"):
+        out.append(f"Paper: {paper['mirrors']}.")
+    out.append(f"Ours: {_describe(summary.get('config') or {})}.")
+    out.append("")
+    columns = paper.get("columns")
+    head = ["method variant", "ours: test % (mean ± std, seeds)", "selected lr"]
+    if ref.ok:
+        head.append(f"Δ vs {ref.label}, ours")
+    if with_paper:
+        head[3:3] = [f"paper % ({' / '.join(columns)})" if columns else "paper %"]
+        head.append(f"Δ vs {ref_paper['row']}, paper" if ref_paper else "Δ vs fine-tuning, paper")
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [(v, selected[v]) for v in sorted(selected, key=_row_key)]
+    best = best_ft(selected)
+    if best is not None and sum(ft_level(v) is not None for v in selected) > 1:
+        rows.append((BEST_FTL, best[1]))
+    ref_mean = ref.entry["test_mean"] if ref.ok and ref.entry is not None else None
+    for key, entry in rows:
+        name = f"**best FT-l** = {label(best[0])}" if key == BEST_FTL and best else label(key)
+        ok = entry.get("status") == "ok"
+        is_ref = key == ref.spec or (ref.variant is not None and key == ref.variant)
+        cells = [
+            name,
+            _pm(entry) if ok else "diverged at every lr",
+            "—" if entry.get("lr") is None else f"{entry['lr']:g}",
+        ]
+        if ref_mean is not None:
+            delta = f"{100 * (entry['test_mean'] - ref_mean):+.2f}" if ok else "—"
+            cells.append("ref." if is_ref else delta)
+        if with_paper:
+            row = mapping.get(key)
+            cells.insert(3, f"{show_paper_value(row['value'], scale)} ({row['row']})" if row else "—")
+            if row and is_ref:
+                cells.append("ref.")
+            elif row and ref_paper:
+                cells.append(
+                    _diffs(paper_values(row["value"], scale), paper_values(ref_paper["value"], scale))
+                )
+            else:
+                cells.append("—")
+        out.append("| " + " | ".join(cells) + " |")
+    unmatched = [
+        r for r in paper.get("numbers") or [] if not any(_present(s, selected) for s in _as_list(r["ours"]))
+    ]
+    if unmatched:
+        shown = ", ".join(f"{r['row']} {show_paper_value(r['value'], scale)}" for r in unmatched)
+        out += ["", f"Paper rows with no counterpart in our results: {shown}."]
+    if paper.get("notes"):
+        out += ["", str(paper["notes"]).strip()]
+    claims = evaluate_claims(paper, selected)
+    if not paper:
+        out += ["", "No paper numbers or claims for this setting (no entry in the suite's paper.yaml)."]
+    elif not claims:
+        out += ["", "No claim of the paper is tested by this setting."]
+    else:
+        out += ["", "**Claims**", "", *(c.markdown() for c in claims)]
+    return Section("\n".join(out), sorted(results_dir.glob("*.png")), claims)
+
+
+def _natural(text: str) -> tuple:
+    """``l2sp[alpha=0.01]`` < ``l2sp[alpha=0.1]`` < ``l2sp[alpha=1]``: numbers compared as numbers."""
+    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(_NUMBERS.split(text)))
+
+
+def _row_key(variant: str) -> tuple:
+    """Baselines, FT-l by l, other fine-tuning, then the rest; a method's variants by strength, each
+    ``dtnh:`` variant right after the one it corrects (its plain form before its other options)."""
+    from paramtransfer.methods.base import parse_method_spec
+
+    group = row_order(variant)
+    base = corrected_base(variant)
+    try:
+        name = parse_method_spec(variant)[0]
+    except Exception:  # a variant recorded by an older version that no longer parses
+        name = variant
+    if group[0] >= 2 and row_order(name)[0] == 0:  # knn[features=raw] next to knn
+        group = row_order(name)
+    return (
+        group[0],
+        group[1],
+        _natural(label(base or variant)),
+        base is not None,
+        variant.count(","),
+        _natural(label(variant)),
+    )
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _present(spec: Any, selected: dict[str, dict[str, Any]]) -> bool:
+    return resolve_side(str(spec), selected).entry is not None
+
+
+# ---- the whole report ------------------------------------------------------------------------------
+
+
+def _command(suite: str, name: str, layout: BenchLayout) -> str:
+    from paramtransfer.experiments.bench import DEFAULT_OUT, default_suites_root
+
+    cmd = f"paramtransfer bench {suite}/{name}" if name else f"paramtransfer bench {suite}"
+    if layout.suites is not None and layout.suites.resolve() != default_suites_root().resolve():
+        cmd += f" --suites {layout.suites}"
+    if layout.recorded:
+        cmd += " --record"
+    elif layout.root.resolve() != Path(DEFAULT_OUT).resolve():
+        cmd += f" --out {layout.root}"
+    return cmd
+
+
+def _figure_markdown(figures: list[Path], out: Path, prefix: str) -> str:
+    """Figures linked where they are when under ``out``, else copied to ``out/figures``."""
+    shown, linked = [], []
+    for fig in figures:
+        if fig.resolve().is_relative_to(out.resolve()):
+            rel = Path(os.path.relpath(fig.resolve(), out.resolve())).as_posix()
+        else:
+            copy = out / FIGURES / f"{prefix}_{fig.name}"
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(fig, copy)
+            rel = f"{FIGURES}/{copy.name}"
+        if fig.name in _EMBED_SKIP:
+            linked.append(f"[{fig.stem}]({rel})")
+        else:
+            shown.append(f"![{prefix}: {fig.stem}]({rel})")
+    return "\n\n".join(shown + linked)
+
+
+def _load_summary(results_dir: Path) -> dict[str, Any]:
+    summary = json.loads((results_dir / "results.json").read_text())
+    if "selected" not in summary and "runs" in summary:
+        from paramtransfer.report import load_results
+
+        summary = load_results(results_dir)
+    return summary
+
+
+def write_bench_report(layout: BenchLayout, out: str | Path | None = None) -> BenchReport:
+    """Write ``report.md`` (+ ``figures/claims_<suite>.png``) for every suite of ``layout`` into ``out``
+    (default: ``layout.root``); never runs anything. Settings without results say "not run"."""
+    from paramtransfer.experiments.bench import PAPER_FILE, get_kind, setting_kind
+
+    out = Path(out) if out is not None else layout.root
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, Counter] = {}
+    ran: dict[str, tuple[int, int]] = {}
+    titles: dict[str, str] = {}
+    body: list[str] = []
+    for suite in layout.suite_names():
+        paper = load_paper(layout.suites / suite / PAPER_FILE) if layout.suites is not None else {}
+        entries: dict[str, Any] = paper.get("settings") or {}
+        titles[suite] = str(paper.get("paper", ""))
+        names = layout.setting_names(suite, list(entries))
+        done = [n for n in names if (layout.results_dir(suite, n) / "results.json").is_file()]
+        ran[suite] = (len(done), len(names))
+        counts[suite] = Counter()
+        if not done:
+            continue
+        sections, overview, claims_of = [], [], []
+        for name in names:
+            entry = entries.get(name)
+            rdir = layout.results_dir(suite, name)
+            heading = f"### {suite}/{name}"
+            if name not in done:
+                mirrors = f"Paper: {entry['mirrors']}.\n\n" if entry and entry.get("mirrors") else ""
+                cmd = _command(suite, name, layout)
+                sections.append(f"{heading}\n\n{mirrors}**Not run.** Run it with `{cmd}`.")
+                overview.append(f"| {name} | {(entry or {}).get('mirrors', '—')} | not run | | | |")
+                continue
+            kind = setting_kind(layout.suites, suite, name)
+            try:
+                results = _load_summary(rdir)
+            except (json.JSONDecodeError, UserError) as err:
+                cmd = _command(suite, name, layout)
+                sections.append(f"{heading}\n\n**Unreadable results** ({err}). Run it again with `{cmd}`.")
+                overview.append(f"| {name} | {(entry or {}).get('mirrors', '—')} | unreadable | | | |")
+                continue
+            try:
+                renderer = get_kind(kind).render
+            except UserError as err:
+                sections.append(f"{heading}\n\n**Cannot render** this setting: {err}.")
+                overview.append(f"| {name} | {(entry or {}).get('mirrors', '—')} | cannot render | | | |")
+                continue
+            section = renderer(results, entry, rdir)
+            tally = Counter(c.verdict for c in section.claims)
+            counts[suite] += tally
+            claims_of += [(name, c) for c in section.claims]
+            figures = _figure_markdown(section.figures, out, f"{suite}_{name}")
+            sections.append("\n\n".join(p for p in (heading, section.markdown, figures) if p))
+            overview.append(
+                f"| {name} | {(entry or {}).get('mirrors', '—')} | {tally['agree']} | {tally['disagree']} | "
+                f"{tally['inconclusive']} | {tally['missing']} |"
+            )
+        head = f"## {suite}" + (f" — {titles[suite]}" if titles[suite] else "")
+        intro = [head, ""]
+        if paper.get("file"):
+            intro += [f"Paper: `{paper['file']}` (in the shared papers folder).", ""]
+        intro += [
+            "| setting | mirrors | agree | disagree | inconclusive | missing |",
+            "|---|---|---|---|---|---|",
+            *overview,
+        ]
+        figure = plot_claims(claims_of, out / FIGURES / f"claims_{suite}.png", suite)
+        if figure is not None:
+            intro += ["", f"![{suite}: our difference per claim]({FIGURES}/{figure.name})"]
+        body.append("\n".join(intro) + "\n\n" + "\n\n".join(sections))
+    summary = _summary_table(counts, ran, titles, layout)
+    speed = _speed_part(layout)
+    text = "\n\n".join([_header(), summary, *body, speed]).rstrip() + "\n"
+    path = out / REPORT
+    atomic_write_bytes(path, text.encode())
+    return BenchReport(path, counts, ran, summary)
+
+
+def _header() -> str:
+    return "\n".join(
+        [
+            "# Benchmarks next to the papers",
+            "",
+            "Every setting's table beside the paper's numbers, and the paper's claims checked on our "
+            "results. Our data (Fashion-MNIST halves, scikit-learn digits) and networks are far smaller "
+            "than the papers', so absolute accuracies differ and are shown side by side only; agreement "
+            "is judged on the claims (who beats whom). Δ columns are test-accuracy points against the "
+            "setting's fine-tuning reference. This file is rebuilt from the results alone by "
+            "`paramtransfer report DIR` (DIR: this folder).",
+            "",
+            f"Verdicts. {VERDICT_RULE}",
+        ]
+    )
+
+
+def _summary_table(
+    counts: dict[str, Counter], ran: dict[str, tuple[int, int]], titles: dict[str, str], layout: BenchLayout
+) -> str:
+    lines = [
+        "| suite | paper | settings run | agree | disagree | inconclusive | missing |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    total: Counter = Counter()
+    for suite in counts:
+        done, of = ran[suite]
+        total += counts[suite]
+        if not done:
+            run = f"not run: `{_command(suite, '', layout)}`"
+            lines.append(f"| {suite} | {titles[suite] or '—'} | {run} | | | | |")
+            continue
+        c = counts[suite]
+        lines.append(
+            f"| {suite} | {titles[suite] or '—'} | {done} of {of} | "
+            + " | ".join(str(c[v]) for v in VERDICTS)
+            + " |"
+        )
+    done = sum(d for d, _ in ran.values())
+    of = sum(n for _, n in ran.values())
+    lines.append(f"| **all** | | {done} of {of} | " + " | ".join(f"**{total[v]}**" for v in VERDICTS) + " |")
+    return "## Summary\n\n" + "\n".join(lines)
+
+
+# ---- figures ---------------------------------------------------------------------------------------
+
+
+_COLOURS = {"agree": "#2e7d32", "disagree": "#c62828", "inconclusive": "#9e9e9e", "missing": "#ffffff"}
+
+
+def plot_claims(claims: list[tuple[str, ClaimResult]], path: Path, title: str) -> Path | None:
+    """One bar per claim: our difference (better − worse, points) with ± the noise, coloured by
+    verdict; a black diamond marks the paper's difference where both sides have paper numbers."""
+    rows = [(name, c) for name, c in claims if c.diff is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.32 * n))
+    ys = list(range(n))[::-1]
+    for y, (_, c) in zip(ys, rows):
+        ax.barh(
+            y, c.diff, xerr=c.noise, color=_COLOURS[c.verdict], edgecolor="black", linewidth=0.3, capsize=2
+        )
+        if c.paper_diff is not None:
+            ax.plot(c.paper_diff, y, marker="D", color="black", markersize=4)
+    labels = [f"{name}: {c.text}" for name, c in rows]
+    ax.set_yticks(ys, [t if len(t) <= 80 else t[:77] + "..." for t in labels], fontsize=7)
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.set_xlabel("better − worse, test accuracy points (ours: bar ± noise; paper: ◆)")
+    ax.set_title(f"{title}: the papers' claims on our results")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=_COLOURS[v]) for v in ("agree", "disagree", "inconclusive")]
+    ax.legend(handles, ["agree", "disagree", "inconclusive"], fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---- speed -----------------------------------------------------------------------------------------
+
+
+def _num(value: Any, fmt: str = ".2f") -> str:
+    return format(value, fmt) if isinstance(value, int | float) and not isinstance(value, bool) else "—"
+
+
+def _speed_part(layout: BenchLayout) -> str:
+    path = layout.speed_json()
+    if not path.is_file():
+        cmd = "paramtransfer bench speed" + (" --record" if layout.recorded else "")
+        return f"## speed\n\nNot run. Run it with `{cmd}` (on an otherwise idle machine)."
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        return f"## speed\n\n`{path.name}` is not valid JSON ({err}); run `paramtransfer bench speed` again."
+    return speed_section(data if isinstance(data, dict) else {})
+
+
+def speed_section(data: dict[str, Any]) -> str:
+    """Targets met or not, then per architecture every method's cost next to fine-tuning's (defensive:
+    any key may be missing)."""
+    out = ["## speed", ""]
+    meta = [
+        f"{k} {data[k]}" for k in ("date", "torch", "threads", "batch", "repeats") if data.get(k) is not None
+    ]
+    load = data.get("load_average")
+    if isinstance(load, list) and len(load) == 2:
+        meta.append(f"load average {_num(load[0])} → {_num(load[1])}")
+    if meta:
+        out += ["Measured with " + ", ".join(meta) + ".", ""]
+    targets = data.get("targets")
+    if isinstance(targets, dict) and targets:
+        out += ["| target | limit | measured | met |", "|---|---|---|---|"]
+        for name, t in targets.items():
+            t = t if isinstance(t, dict) else {"value": t}
+            limit = f"{t.get('op', '')} {t.get('limit', t.get('target', '—'))}".strip()
+            values = t.get("values", t.get("value"))
+            if isinstance(values, dict):
+                measured = ", ".join(f"{k} {_num(v)}" for k, v in values.items()) or "—"
+            else:
+                measured = _num(values)
+            met = {True: "yes", False: "**no**"}.get(t.get("met"), "—")
+            out.append(f"| {name} | {limit} | {measured} | {met} |")
+        out.append("")
+    steps = data.get("train_step_ratio") if isinstance(data.get("train_step_ratio"), dict) else {}
+    evals = data.get("eval_ratio") if isinstance(data.get("eval_ratio"), dict) else {}
+    ms = data.get("train_step_ms") if isinstance(data.get("train_step_ms"), dict) else {}
+    rss = data.get("peak_rss_mb") if isinstance(data.get("peak_rss_mb"), dict) else {}
+    for arch in sorted(set(steps) | set(evals)):
+        s, e = steps.get(arch) or {}, evals.get(arch) or {}
+        m, r = ms.get(arch) or {}, rss.get(arch) or {}
+        out += [
+            f"{arch}: cost next to fine-tuning (ratios; 1 = as fast as `finetune`)",
+            "",
+            "| method | train step (ms) | train step × fine-tuning | evaluation × fine-tuning "
+            "| peak RSS (MB) |",
+            "|---|---|---|---|---|",
+        ]
+        if "finetune" in m or "finetune" in r:
+            out.append(
+                f"| finetune | {_num(m.get('finetune'), '.1f')} | 1 | 1 | {_num(r.get('finetune'), '.0f')} |"
+            )
+        for method in sorted(set(s) | set(e)):
+            out.append(
+                f"| {method} | {_num(m.get(method), '.1f')} | {_num(s.get(method))} | "
+                f"{_num(e.get(method))} | {_num(r.get(method), '.0f')} |"
+            )
+        out.append("")
+    dtnh = data.get("dtnh_over_base")
+    if isinstance(dtnh, dict) and any(isinstance(v, dict) and v for v in dtnh.values()):
+        out += ["| arch | DTNH over its base regulariser (step time) |", "|---|---|"]
+        for arch, ratios in dtnh.items():
+            if isinstance(ratios, dict):
+                out.append(
+                    f"| {arch} | "
+                    + ", ".join(f"dtnh:{b} / {b} = {_num(v)}" for b, v in ratios.items())
+                    + " |"
+                )
+        out.append("")
+    if "trainer_over_bare_loop" in data:
+        out.append(
+            f"Trainer over a bare PyTorch loop (images per second): {_num(data['trainer_over_bare_loop'])}."
+        )
+    if "rss_import_mb" in data:
+        out.append(
+            "Peak RSS of a process that only imports torch and paramtransfer: "
+            f"{_num(data['rss_import_mb'], '.0f')} MB."
+        )
+    return "\n".join(out).rstrip()

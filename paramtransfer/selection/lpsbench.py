@@ -1,0 +1,604 @@
+"""The LPS benchmark (Wang et al., Sec. 5): model set, Tables 1-2, Fig. 3, ranking, embedding time.
+
+One benchmark setting (a YAML with ``kind: lps``, see ``benchmarks/lps/``) runs, in order and resumably:
+
+1. ``build``: a model set (:func:`~paramtransfer.selection.modelset.build_modelset`) under
+   ``OUT/modelset``, its models trained by the executor (in-process, or one Ray task per model);
+2. ``eval``: :func:`~paramtransfer.selection.modelset.evaluate_modelset` -> ``OUT/eval.json`` (task
+   classification and retrieval with all baselines, transferability, branches, alignment);
+3. ``rank``: for every target task and seed, the first model of every task is a candidate source,
+   ranked by LPS and by LogME, LEEP, NCE and H-score, then fine-tuned on the target; the weighted
+   Kendall tau of each ranking against the fine-tuned accuracies -> ``OUT/rank/<target>/seed=<s>/``;
+4. ``timing``: the time to embed one model with a trained-size second-order network, for lenets of
+   growing width -> part of ``OUT/results.json``.
+
+Everything lands in ``OUT/results.json`` (written atomically at the end; each stage keeps its own
+files, so a re-run skips finished models and finished rankings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from paramtransfer.errors import UserError
+from paramtransfer.methods.base import make_config
+from paramtransfer.models.zoo import build_model
+from paramtransfer.selection.lps import SecondOrderNet, model_parameters
+from paramtransfer.selection.modelset import SECTIONS, build_modelset, evaluate_modelset, read_index
+from paramtransfer.selection.rank import SCORE_NAMES, RankConfig, rank_sources
+from paramtransfer.train.checkpoint import atomic_write_json
+
+RESULTS = "results.json"
+FIGURE = "lps_fig3.png"
+
+
+@dataclass
+class BuildSettings:
+    """:func:`build_modelset` arguments (see there)."""
+
+    dataset: str = "fashion"
+    models_per_task: int = 6
+    max_tasks: int | None = None
+    arch: str = "lenet"
+    arch_kwargs: dict[str, Any] = field(default_factory=lambda: {"width": 16, "hidden": 64})
+    epochs: int = 8
+    lr: float = 0.05
+    limit: int | None = 1000
+    shots: int | None = None
+    seed: int = 0
+    train_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSettings:
+    """:func:`evaluate_modelset` arguments (see there and :class:`EvalConfig`)."""
+
+    epochs: int = 20
+    lr: float = 0.01
+    batch_size: int = 8
+    embed_dim: int = 64
+    filters: int = 8
+    seed: int = 0
+    ari_images: int = 500
+    sections: list[str] = field(default_factory=lambda: list(SECTIONS))
+
+
+@dataclass
+class RankSettings:
+    """Ranking candidate sources: the first model of each task is a candidate for every target."""
+
+    targets: list[str] = field(default_factory=lambda: ["fashion[5-9]"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    shots: int = 20
+    verify_epochs: int = 10
+    verify_lr: float = 0.01
+    probe_epochs: int = 20
+    test_limit: int | None = 2000
+
+
+@dataclass
+class TimingSettings:
+    """Embedding time against model size: lenets of these widths (hidden = 4 x width)."""
+
+    widths: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    repeats: int = 20
+
+
+@dataclass
+class LPSBenchConfig:
+    build: BuildSettings = field(default_factory=BuildSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    rank: RankSettings | None = field(default_factory=RankSettings)
+    timing: TimingSettings | None = field(default_factory=TimingSettings)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LPSBenchConfig:
+        data = {k: v for k, v in data.items() if k != "kind"}
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise UserError(f"an lps benchmark has sections build, eval, rank, timing; not {sorted(unknown)}")
+        parts: dict[str, Any] = {}
+        for name, kind in (
+            ("build", BuildSettings),
+            ("eval", EvalSettings),
+            ("rank", RankSettings),
+            ("timing", TimingSettings),
+        ):
+            if name in data and data[name] is None:
+                parts[name] = None  # a section switched off
+            else:
+                parts[name] = make_config(kind, data.get(name) or {}, f"lps benchmark section {name!r}")
+        return cls(**parts)
+
+
+def run_lps_bench(
+    config: dict[str, Any] | LPSBenchConfig, out: str | Path, executor: Any = None, progress: bool = True
+) -> dict[str, Any]:
+    """Run one LPS benchmark setting into ``out`` and return (and write) ``out/results.json``."""
+    cfg = config if isinstance(config, LPSBenchConfig) else LPSBenchConfig.from_dict(config)
+    root = Path(out)
+    set_dir = root / "modelset"
+    b = cfg.build
+    t0 = time.perf_counter()
+    build_modelset(
+        b.dataset,
+        set_dir,
+        models_per_task=b.models_per_task,
+        arch=b.arch,
+        epochs=b.epochs,
+        max_tasks=b.max_tasks,
+        shots=b.shots,
+        limit=b.limit,
+        lr=b.lr,
+        seed=b.seed,
+        arch_kwargs=b.arch_kwargs,
+        train_options=b.train_options,
+        progress=progress,
+        executor=executor,
+    )
+    build_s = time.perf_counter() - t0
+    entries = read_index(set_dir)
+    e = cfg.eval
+    report = _eval(set_dir, root, e, progress)
+    summary: dict[str, Any] = {
+        "kind": "lps",
+        "config": dataclasses.asdict(cfg),
+        "modelset": {
+            "models": len(entries),
+            "tasks": len({x["task"] for x in entries}),
+            "mean_test_accuracy": statistics.fmean(x["test_accuracy"] for x in entries),
+            "train_time_s": sum(x["wall_time_s"] for x in entries),
+            "wall_time_s": build_s,
+        },
+        "eval": report,
+    }
+    if cfg.rank is not None:
+        summary["rank"] = _rankings(set_dir, entries, root / "rank", cfg.rank, progress)
+    if cfg.timing is not None:
+        summary["timing"] = embedding_time(cfg.timing, e)
+    atomic_write_json(root / RESULTS, summary)
+    plot_lps(summary, root / FIGURE)
+    return summary
+
+
+def _eval(set_dir: Path, root: Path, e: EvalSettings, progress: bool) -> dict[str, Any]:
+    """``evaluate_modelset``, or the complete ``eval.json`` of an earlier run with the same settings."""
+    path = root / "eval.json"
+    settings = dataclasses.asdict(e)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("complete") and old.get("bench_settings") == settings:
+            return old
+    report = evaluate_modelset(
+        set_dir,
+        out=root,
+        epochs=e.epochs,
+        lr=e.lr,
+        batch_size=e.batch_size,
+        embed_dim=e.embed_dim,
+        filters=e.filters,
+        seed=e.seed,
+        ari_images=e.ari_images,
+        sections=e.sections,
+        progress=progress,
+    )
+    report["bench_settings"] = settings
+    atomic_write_json(path, report)
+    return report
+
+
+def _rankings(
+    set_dir: Path, entries: list[dict[str, Any]], root: Path, r: RankSettings, progress: bool
+) -> dict[str, Any]:
+    """Rank one candidate per task for every target and seed; weighted tau per score, mean over seeds."""
+    first: dict[str, dict[str, Any]] = {}
+    for x in entries:
+        first.setdefault(x["task"], x)
+    candidates = [str(set_dir / x["path"]) for x in first.values()]
+    out: dict[str, Any] = {"candidates": len(candidates), "targets": {}}
+    for target in r.targets:
+        per_seed = []
+        for seed in r.seeds:
+            d = root / _safe(target) / f"seed={seed}"
+            done = d / "rank.json"
+            if done.is_file():
+                per_seed.append(json.loads(done.read_text()))
+                continue
+            config = RankConfig(
+                shots=r.shots,
+                seed=seed,
+                probe_epochs=r.probe_epochs,
+                verify_epochs=r.verify_epochs,
+                verify_lr=r.verify_lr,
+                test_limit=r.test_limit,
+            )
+            per_seed.append(
+                rank_sources(
+                    target, candidates, d, config=config, verify=True, lps_set=set_dir, progress=progress
+                )
+            )
+        taus = {s: [p["weighted_tau"].get(s) for p in per_seed] for s in SCORE_NAMES}
+        accs = [[c["finetune_accuracy"] for c in p["candidates"]] for p in per_seed]
+        out["targets"][target] = {
+            "weighted_tau": {s: _mean_std([t for t in v if t is not None]) for s, v in taus.items()},
+            "finetune_accuracy_range": [min(min(a) for a in accs), max(max(a) for a in accs)],
+            "best_by": {
+                s: [max(p["candidates"], key=lambda c, s=s: c[s])["task"] for p in per_seed]
+                for s in SCORE_NAMES
+            },
+            "best_true": [
+                max(p["candidates"], key=lambda c: c["finetune_accuracy"])["task"] for p in per_seed
+            ],
+        }
+    return out
+
+
+def embedding_time(t: TimingSettings, e: EvalSettings) -> list[dict[str, Any]]:
+    """Median time to embed one model (all branches, alignment included) for lenets of growing width.
+
+    Every branch is computed (``w_l = 1`` for all layers), the worst case; with the paper's
+    ``w = (1, 0, ...)`` only the first layer is read and the time barely grows with the model.
+    """
+    rows = []
+    for width in t.widths:
+        net = build_model("lenet", 2, width=width, hidden=4 * width)
+        params = [p.unsqueeze(0) for p in model_parameters(net)]
+        shapes = [p.shape[1:] for p in params]
+        row: dict[str, Any] = {"width": width, "params": sum(p.numel() for p in net.parameters())}
+        for label, weights in (("first_branch", None), ("all_branches", [1.0] * len(shapes))):
+            lps = SecondOrderNet(shapes, e.embed_dim, 10, filters=e.filters, weights=weights)
+            with torch.no_grad():
+                lps.embed(params)  # warm-up
+                times = []
+                for _ in range(t.repeats):
+                    start = time.perf_counter()
+                    lps.embed(params)
+                    times.append(time.perf_counter() - start)
+            row[f"{label}_ms"] = 1000 * statistics.median(times)
+        rows.append(row)
+    return rows
+
+
+def _mean_std(values: list[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def _safe(spec: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-=." else "_" for ch in spec).strip("_")
+
+
+# ---- the report ------------------------------------------------------------------------------------
+
+_NAMES = {
+    "random": "random prediction",
+    "flat_fc": "only one FC layer",
+    "frobenius_fc": "Frobenius+FC, w/o alignment",
+    "lps": "Frobenius+FC, w/ alignment (LPS)",
+}
+_SCORE_LABELS = {"lps": "LPS", "logme": "LogME", "leep": "LEEP", "nce": "NCE", "hscore": "H-score"}
+
+
+def _binomial_noise(p: float, q: float, n: int) -> float:
+    """Standard error of the difference of two accuracies measured on the same ``n`` test models."""
+    return ((p * (1 - p) + q * (1 - q)) / max(n, 1)) ** 0.5
+
+
+def _verdict(diff: float, noise: float) -> str:
+    if diff > noise:
+        return "agree"
+    if diff < -noise:
+        return "disagree"
+    return "inconclusive"
+
+
+def lps_claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The paper's claims (Secs. 5.1-5.5) judged on a benchmark summary.
+
+    Each claim is "A beats B" with A and B fractions (accuracies, or Spearman's rho against 0).
+    It *agrees* when our A - B exceeds the noise, *disagrees* when it is below minus the noise, and is
+    *inconclusive* in between. The noise is the binomial standard error of the difference of two
+    accuracies on the same ``n`` test models, ``sqrt((a(1-a) + b(1-b)) / n)``, and for rho the standard
+    error of the mean over the queries.
+
+    Returns:
+        One dict per claim: ``text``, ``paper``, ``better`` / ``worse`` (``(label, value)``), ``diff`` and
+        ``noise`` (points, i.e. x100), ``verdict``.
+    """
+    ev = summary["eval"]
+    claims = []
+
+    def add(text: str, paper: str, better: tuple[str, float], worse: tuple[str, float], noise: float) -> None:
+        diff = 100 * (better[1] - worse[1])
+        claims.append(
+            {
+                "text": text,
+                "paper": paper,
+                "better": better,
+                "worse": worse,
+                "diff": diff,
+                "noise": 100 * noise,
+                "verdict": _verdict(diff, 100 * noise),
+            }
+        )
+
+    def beats_baselines(section: str, metric: str, n: int, text: str, paper: str) -> None:
+        m = ev[section]["methods"]
+        best = max((k for k in m if k != "lps"), key=lambda k: m[k][metric])
+        a, b = m["lps"][metric], m[best][metric]
+        add(text, paper, (f"LPS {metric}", a), (f"{_NAMES[best]} {metric}", b), _binomial_noise(a, b, n))
+
+    if "classification" in ev:
+        beats_baselines(
+            "classification",
+            "top1",
+            ev["classification"]["test_models"],
+            "LPS classifies tasks better than every baseline",
+            "Table 1: top-1 79.8 vs at most 5.5",
+        )
+    if "retrieval" in ev:
+        beats_baselines(
+            "retrieval",
+            "rank1",
+            ev["retrieval"]["queries"],
+            "LPS retrieves models of the query's task better than every baseline",
+            "Table 2: rank-1 80.7 vs at most 15.0",
+        )
+    if "transferability" in ev:
+        m = ev["transferability"]["methods"]["lps"]
+        if m["mean_spearman"] is not None:
+            noise = (m["std_spearman"] or 0.0) / max(m["queries"], 1) ** 0.5
+            add(
+                "parameter similarity grows with transferability (k-means ARI)",
+                "Fig. 3a: roughly proportional",
+                ("LPS Spearman ρ", m["mean_spearman"]),
+                ("no relation", 0.0),
+                noise,
+            )
+    n = ev.get("classification", {}).get("test_models", 0)
+    if "branches" in ev and len(ev["branches"]["top1"]) > 1:
+        top1 = ev["branches"]["top1"]
+        other = max(range(1, len(top1)), key=lambda i: top1[i])
+        add(
+            "the first branch is the most discriminative",
+            "Fig. 3b: branch 1 79.8, the others far lower",
+            ("branch 1 top1", top1[0]),
+            (f"branch {other + 1} top1", top1[other]),
+            _binomial_noise(top1[0], top1[other], n),
+        )
+    if "alignment" in ev:
+        a = ev["alignment"]["top1"]
+        both = statistics.fmean(a["both"])
+        for other in ("filter", "channel", "none"):
+            value = statistics.fmean(a[other])
+            add(
+                f"aligning filters and channels beats {other} alignment (branches >= 2)",
+                "Fig. 3c: both alignments matter",
+                ("both, mean top1", both),
+                (f"{other}, mean top1", value),
+                _binomial_noise(both, value, n * len(a["both"])),
+            )
+    return claims
+
+
+def render_lps(summary: dict[str, Any], paper: dict[str, Any] | None, results_dir: Path) -> Any:
+    """The ``lps`` kind's report section (see :mod:`paramtransfer.experiments.bench`)."""
+    from paramtransfer.report.bench import Section
+    from paramtransfer.report.paper import ClaimResult, Side
+
+    def side(label: str, value: float) -> Side:
+        return Side(label, label, label, {"status": "ok", "test_mean": value, "test_std": 0.0})
+
+    claims = [
+        ClaimResult(
+            c["text"],
+            c["verdict"],
+            side(*c["better"]),
+            side(*c["worse"]),
+            paper=c["paper"],
+            diff=c["diff"],
+            noise=c["noise"],
+        )
+        for c in lps_claims(summary)
+    ]
+    text = format_lps_bench(summary, paper, with_claims=False)
+    if claims:
+        text += (
+            "\n**Claims** (one evaluation, so the noise is the binomial standard error of the difference of "
+            "two accuracies on the same test models; for ρ, the standard error over the queries)\n\n"
+            + "\n".join(c.markdown() for c in claims)
+            + "\n"
+        )
+    return Section(text, sorted(results_dir.glob("*.png")), claims)
+
+
+def format_lps_bench(
+    summary: dict[str, Any], paper: dict[str, Any] | None = None, *, with_claims: bool = True
+) -> str:
+    """Markdown: the model set, Tables 1-2 beside the paper's, Fig. 3 as tables, ranking tau, timing."""
+    paper = paper or {}
+    ev, ms = summary["eval"], summary["modelset"]
+    b = summary["config"]["build"]
+    lines = [
+        f"Model set: {ms['models']} `{b['arch']}` models ({b['arch_kwargs']}) on {ms['tasks']} "
+        f"{b['dataset']} class pairs, {b['epochs']} epochs at lr {b['lr']}"
+        + (f" on {b['limit']} training images each" if b.get("limit") else "")
+        + f"; mean test accuracy {100 * ms['mean_test_accuracy']:.2f}%; "
+        f"{ms['train_time_s'] / 60:.0f} min of training.",
+        "",
+    ]
+
+    def table(title: str, section: str, keys: list[str], paper_key: str) -> None:
+        if section not in ev:
+            return
+        ref = paper.get(paper_key, {})
+        head = [*keys, *(f"paper {k}" for k in keys if ref)]
+        lines.extend(
+            [f"**{title}**", "", "| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+        )
+        for kind, metrics in ev[section]["methods"].items():
+            cells = [f"{100 * metrics[k]:.1f}" for k in keys]
+            if ref:
+                cells += [f"{v:.1f}" for v in ref.get(kind, [])] or ["—"] * len(keys)
+            lines.append(f"| {_NAMES[kind]} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    n_cls = ev.get("classification", {})
+    table(
+        f"Task classification (Table 1; %, {n_cls.get('train_models')} train / "
+        f"{n_cls.get('test_models')} test models, {n_cls.get('num_tasks')} tasks)",
+        "classification",
+        ["top1", "top5", "top10"],
+        "table1",
+    )
+    ret = ev.get("retrieval", {})
+    table(
+        f"Task retrieval (Table 2; %, {len(ret.get('test_tasks', []))} held-out tasks, "
+        f"{ret.get('queries')} queries, gallery {ret.get('gallery')})",
+        "retrieval",
+        ["rank1", "rank5", "rank10"],
+        "table2",
+    )
+    if "transferability" in ev:
+        lines += ["**Transferability (Fig. 3a):** mean Spearman ρ between a query's similarity to every", ""]
+        lines[-2] += " other model and that model's k-means ARI on the query task's test images"
+        lines += ["| method | mean ρ | std over queries |", "|---|---|---|"]
+        for kind, m in ev["transferability"]["methods"].items():
+            rho = "—" if m["mean_spearman"] is None else f"{m['mean_spearman']:+.3f}"
+            sd = "—" if m["std_spearman"] is None else f"{m['std_spearman']:.3f}"
+            lines.append(f"| {_NAMES[kind]} | {rho} | {sd} |")
+        lines.append("")
+    if "branches" in ev:
+        top1 = ev["branches"]["top1"]
+        lines += [
+            f"**Per-branch top-1 (Fig. 3b; %, chance {100 * ev['branches']['chance']:.1f})**",
+            "",
+            "| branch | " + " | ".join(str(i + 1) for i in range(len(top1))) + " |",
+            "|---" * (len(top1) + 1) + "|",
+            "| top-1 | " + " | ".join(f"{100 * v:.1f}" for v in top1) + " |",
+            "",
+        ]
+    if "alignment" in ev:
+        a = ev["alignment"]
+        lines += [
+            "**Alignment ablation (Fig. 3c; top-1 %, one branch at a time)**",
+            "",
+            "| alignment | " + " | ".join(f"branch {i}" for i in a["branches"]) + " |",
+            "|---" * (len(a["branches"]) + 1) + "|",
+        ]
+        lines += [
+            f"| {k} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + " |" for k, vals in a["top1"].items()
+        ]
+        lines.append("")
+    if "rank" in summary:
+        r = summary["rank"]
+        lines += [
+            f"**Ranking {r['candidates']} candidate sources (one model per task)**: weighted Kendall τ "
+            "between each score and the accuracy after fine-tuning every candidate (mean ± std over seeds)",
+            "",
+            "| target | "
+            + " | ".join(_SCORE_LABELS[s] for s in SCORE_NAMES)
+            + " | fine-tuned accuracy range |",
+            "|---" * (len(SCORE_NAMES) + 2) + "|",
+        ]
+        for target, t in r["targets"].items():
+            cells = []
+            for s in SCORE_NAMES:
+                v = t["weighted_tau"][s]
+                cells.append("—" if v["mean"] is None else f"{v['mean']:+.3f} ± {v['std']:.3f}")
+            lo, hi = t["finetune_accuracy_range"]
+            lines.append(f"| {target} | " + " | ".join(cells) + f" | {100 * lo:.1f}–{100 * hi:.1f} |")
+        lines.append("")
+    if "timing" in summary:
+        lines += [
+            "**Time to embed one model** (median, one process; every branch = all layers aligned)",
+            "",
+            "| lenet width | parameters | first branch (ms) | every branch (ms) |",
+            "|---|---|---|---|",
+        ]
+        for row in summary["timing"]:
+            lines.append(
+                f"| {row['width']} | {row['params']:,} | {row['first_branch_ms']:.2f} | "
+                f"{row['all_branches_ms']:.1f} |"
+            )
+        lines.append("")
+    claims = lps_claims(summary) if with_claims else []
+    if claims:
+        lines += ["**The paper's claims on our model set**", ""]
+        for c in claims:
+            (bl, bv), (wl, wv) = c["better"], c["worse"]
+            lines.append(
+                f"- **{c['verdict']}**: {c['text']}. Paper: {c['paper']}. Ours: {bl} {100 * bv:.1f} vs {wl} "
+                f"{100 * wv:.1f}: {c['diff']:+.1f} points (noise ±{c['noise']:.1f})."
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_lps(summary: dict[str, Any], path: Path) -> Path | None:
+    """Fig. 3b (top-1 per branch), Fig. 3c (alignment ablation) and the ranking tau per score, side by side
+    (only the panels whose results exist); None when there is nothing to draw."""
+    from paramtransfer.report.plots import plt
+
+    ev = summary["eval"]
+    panels = [k for k in ("branches", "alignment") if k in ev] + (["rank"] if "rank" in summary else [])
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "branches":
+            top1 = [100 * v for v in ev["branches"]["top1"]]
+            ax.bar(range(1, len(top1) + 1), top1, color="tab:blue")
+            ax.axhline(100 * ev["branches"]["chance"], color="grey", ls="--", lw=1, label="chance")
+            ax.set(
+                xlabel="branch (layer)", ylabel="task classification top-1 (%)", title="Fig. 3b: one branch"
+            )
+            ax.legend()
+        elif panel == "alignment":
+            a = ev["alignment"]
+            width = 0.8 / len(a["top1"])
+            for i, (name, values) in enumerate(a["top1"].items()):
+                xs = [b + (i - (len(a["top1"]) - 1) / 2) * width for b in a["branches"]]
+                ax.bar(xs, [100 * v for v in values], width, label=name)
+            ax.axhline(100 * a["chance"], color="grey", ls="--", lw=1)
+            ax.set(xlabel="branch (layer)", ylabel="top-1 (%)", title="Fig. 3c: alignment ablation")
+            ax.legend(fontsize=7)
+        else:
+            targets = summary["rank"]["targets"]
+            width = 0.8 / len(SCORE_NAMES)
+            for i, score in enumerate(SCORE_NAMES):
+                means = [t["weighted_tau"][score]["mean"] for t in targets.values()]
+                xs = [j + (i - (len(SCORE_NAMES) - 1) / 2) * width for j in range(len(targets))]
+                ax.bar(xs, [m if m is not None else 0.0 for m in means], width, label=_SCORE_LABELS[score])
+            ax.axhline(0, color="black", lw=0.5)
+            ax.set_xticks(range(len(targets)), list(targets), fontsize=7)
+            ax.set(ylabel="weighted Kendall τ", title="ranking sources vs fine-tuned accuracy")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _register() -> None:
+    from paramtransfer.experiments.bench import KINDS, register_kind
+
+    if "lps" not in KINDS.names():
+        register_kind("lps", run_lps_bench, render_lps)
+
+
+_register()

@@ -1,0 +1,99 @@
+"""The LPS benchmark setting (``kind: lps``): a tiny digits run end to end, resumed, and its report.
+
+* every stage lands in results.json: model set, eval sections, ranking tau per score, timing;
+* a second run trains nothing (models, second-order nets for eval and finished rankings are reused);
+* the claim verdicts follow the rule (agree / disagree / inconclusive) on hand-made numbers;
+* unknown sections and fields are clear errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from paramtransfer.errors import UserError
+from paramtransfer.experiments.bench import KINDS
+from paramtransfer.report.paper import VERDICTS
+from paramtransfer.selection import lpsbench, modelset
+from paramtransfer.selection.lpsbench import (
+    LPSBenchConfig,
+    format_lps_bench,
+    lps_claims,
+    render_lps,
+    run_lps_bench,
+)
+from paramtransfer.selection.rank import SCORE_NAMES
+
+TINY = {
+    "kind": "lps",
+    "build": {
+        "dataset": "digits",
+        "models_per_task": 2,
+        "max_tasks": 3,
+        "arch_kwargs": {"width": 2, "hidden": 8},
+        "epochs": 1,
+        "limit": None,
+    },
+    "eval": {"epochs": 1, "ari_images": 30, "sections": ["classification", "retrieval", "transferability"]},
+    "rank": {"targets": ["digits[5-9]"], "seeds": [0], "shots": 5, "verify_epochs": 1, "probe_epochs": 1},
+    "timing": {"widths": [2, 4], "repeats": 2},
+}
+
+
+@pytest.mark.slow
+def test_tiny_lps_bench_end_to_end_and_resumed(tmp_path: Path, monkeypatch) -> None:
+    summary = run_lps_bench(TINY, tmp_path, progress=False)
+    assert summary["modelset"]["models"] == 6 and summary["modelset"]["tasks"] == 3
+    assert set(TINY["eval"]["sections"]) <= set(summary["eval"])
+    target = summary["rank"]["targets"]["digits[5-9]"]
+    assert summary["rank"]["candidates"] == 3  # one model per task
+    assert set(target["weighted_tau"]) == set(SCORE_NAMES)
+    assert [row["width"] for row in summary["timing"]] == [2, 4]
+    assert summary["timing"][1]["params"] > summary["timing"][0]["params"]
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "eval.json").is_file()
+    assert (tmp_path / "lps_fig3.png").stat().st_size > 1000
+    text = format_lps_bench(summary, {"table1": {"lps": [79.8, 94.8, 98.0]}})
+    assert "Table 1" in text and "79.8" in text and "Time to embed one model" in text
+    section = render_lps(summary, None, tmp_path)  # the bench report's section for kind: lps
+    assert len(section.claims) == 3 and all(c.verdict in VERDICTS for c in section.claims)
+    assert "Claims" in section.markdown and "Task retrieval" in section.markdown
+    assert KINDS.get("lps").run is run_lps_bench
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished stage was redone")
+
+    monkeypatch.setattr(modelset, "train_model", refuse)
+    monkeypatch.setattr(lpsbench, "evaluate_modelset", refuse)
+    monkeypatch.setattr(lpsbench, "rank_sources", refuse)
+    again = run_lps_bench(TINY, tmp_path, progress=False)
+    assert again["eval"]["classification"] == summary["eval"]["classification"]
+
+
+def _summary(lps: float, best: float, n: int) -> dict:
+    methods = {"random": {"top1": 0.01}, "flat_fc": {"top1": best}, "lps": {"top1": lps}}
+    return {"eval": {"classification": {"test_models": n, "methods": methods}}}
+
+
+@pytest.mark.parametrize(
+    ("lps", "best", "n", "verdict"),
+    [
+        (0.8, 0.05, 100, "agree"),  # +75 points, noise ~4.3
+        (0.05, 0.3, 100, "disagree"),  # -25 points, noise ~4.8
+        (0.3, 0.25, 20, "inconclusive"),  # +5 points, noise ~14
+    ],
+)
+def test_claim_verdicts(lps: float, best: float, n: int, verdict: str) -> None:
+    (claim,) = lps_claims(_summary(lps, best, n))
+    assert claim["verdict"] == verdict
+    noise = 100 * ((lps * (1 - lps) + best * (1 - best)) / n) ** 0.5
+    assert claim["noise"] == pytest.approx(noise) and claim["diff"] == pytest.approx(100 * (lps - best))
+    assert claim["worse"][0] == "only one FC layer top1"  # the best baseline, not random prediction
+
+
+def test_config_errors() -> None:
+    with pytest.raises(UserError, match="sections build, eval, rank, timing"):
+        LPSBenchConfig.from_dict({"kind": "lps", "bulid": {}})
+    with pytest.raises(UserError, match="build"):
+        LPSBenchConfig.from_dict({"build": {"models": 3}})
+    assert LPSBenchConfig.from_dict({"rank": None}).rank is None
