@@ -144,15 +144,11 @@ def suite_settings(root: Path, suite: str) -> list[str]:
 
 def load_setting(root: Path, suite: str, name: str) -> tuple[str, dict[str, Any]]:
     """``(kind, config without kind)`` of ``root/suite/name.yaml``."""
-    import yaml
+    from paramtransfer.experiments.compare import read_yaml_mapping
 
-    path = root / suite / f"{name}.yaml"
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"cannot read {path} as YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping (a CompareConfig, or kind: NAME and its fields)")
+    data = read_yaml_mapping(
+        root / suite / f"{name}.yaml", "a mapping (a CompareConfig, or kind: NAME and its fields)"
+    )
     kind = str(data.pop("kind", "compare"))
     get_kind(kind)  # unknown kind -> error listing the known ones
     return kind, data

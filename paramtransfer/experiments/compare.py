@@ -61,8 +61,9 @@ class CompareConfig:
             raise UserError("give at least one seed, e.g. --seeds 0,1,2")
 
 
-def load_compare_config(path: str | Path, **overrides: Any) -> CompareConfig:
-    """A :class:`CompareConfig` from a YAML file (its keys are the dataclass fields), with overrides."""
+def read_yaml_mapping(path: str | Path, holds: str) -> dict[str, Any]:
+    """The mapping in a YAML file (empty file: ``{}``); a missing file, bad YAML or a non-mapping is a
+    :class:`UserError` saying that the file ``must hold`` ``holds``."""
     import yaml
 
     p = Path(path)
@@ -73,7 +74,14 @@ def load_compare_config(path: str | Path, **overrides: Any) -> CompareConfig:
     except yaml.YAMLError as err:
         raise UserError(f"cannot read {p} as YAML: {err}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{p} must hold a mapping of CompareConfig fields")
+        raise UserError(f"{p} must hold {holds}")
+    return data
+
+
+def load_compare_config(path: str | Path, **overrides: Any) -> CompareConfig:
+    """A :class:`CompareConfig` from a YAML file (its keys are the dataclass fields), with overrides."""
+    p = Path(path)
+    data = read_yaml_mapping(p, "a mapping of CompareConfig fields")
     return make_config(CompareConfig, {**data, **overrides}, f"config file {p}")  # type: ignore[return-value]
 
 
