@@ -448,6 +448,19 @@ def _add_modelset_parser(sub: Any) -> None:
         default="classification,retrieval,transferability,branches,alignment",
         help="comma-separated sections to run (default: all five)",
     )
+    e.add_argument(
+        "--lps-weights",
+        type=_floats,
+        default=None,
+        metavar="W1,W2,...",
+        help="Eq. 9's branch weights w_l of LPS in classification, retrieval and transferability, one per "
+        "layer (default: the paper's 1,0,...,0)",
+    )
+    e.add_argument(
+        "--methods",
+        default="flat_fc,frobenius_fc,lps",
+        help="second-order methods to train (default: flat_fc,frobenius_fc,lps; random is always shown)",
+    )
     e.add_argument("--seed", type=int, default=0, help="seed of splits, networks and k-means (default: 0)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -667,6 +680,8 @@ def _cmd_modelset(args: argparse.Namespace) -> None:
         seed=args.seed,
         ari_images=args.ari_images,
         sections=[s.strip() for s in args.sections.split(",") if s.strip()],
+        lps_weights=args.lps_weights,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         progress=not args.quiet,
     )
     print(format_summary(report))

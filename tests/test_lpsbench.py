@@ -35,7 +35,12 @@ TINY = {
         "epochs": 1,
         "limit": None,
     },
-    "eval": {"epochs": 1, "ari_images": 30, "sections": ["classification", "retrieval", "transferability"]},
+    "eval": {
+        "epochs": 1,
+        "ari_images": 30,
+        "sections": ["classification", "retrieval", "transferability"],
+        "variants": {"all branches": [1, 1, 1, 1]},
+    },
     "rank": {"targets": ["digits[5-9]"], "seeds": [0], "shots": 5, "verify_epochs": 1, "probe_epochs": 1},
     "timing": {"widths": [2, 4], "repeats": 2},
 }
@@ -46,6 +51,9 @@ def test_tiny_lps_bench_end_to_end_and_resumed(tmp_path: Path, monkeypatch) -> N
     summary = run_lps_bench(TINY, tmp_path, progress=False)
     assert summary["modelset"]["models"] == 6 and summary["modelset"]["tasks"] == 3
     assert set(TINY["eval"]["sections"]) <= set(summary["eval"])
+    variant = summary["eval_variants"]["all branches"]
+    assert set(variant["classification"]["methods"]) == {"random", "lps"}  # LPS alone, re-weighted
+    assert variant["settings"]["lps_weights"] == [1, 1, 1, 1]
     target = summary["rank"]["targets"]["digits[5-9]"]
     assert summary["rank"]["candidates"] == 3  # one model per task
     assert set(target["weighted_tau"]) == set(SCORE_NAMES)
@@ -55,6 +63,7 @@ def test_tiny_lps_bench_end_to_end_and_resumed(tmp_path: Path, monkeypatch) -> N
     assert (tmp_path / "lps_fig3.png").stat().st_size > 1000
     text = format_lps_bench(summary, {"table1": {"lps": [79.8, 94.8, 98.0]}})
     assert "Table 1" in text and "79.8" in text and "Time to embed one model" in text
+    assert "LPS, all branches (w = (1, 1, 1, 1))" in text
     section = render_lps(summary, None, tmp_path)  # the bench report's section for kind: lps
     assert len(section.claims) == 3 and all(c.verdict in VERDICTS for c in section.claims)
     assert "Claims" in section.markdown and "Task retrieval" in section.markdown

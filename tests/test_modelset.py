@@ -232,6 +232,15 @@ def test_spearman_matches_scipy_with_ties() -> None:
 # ---- errors -----------------------------------------------------------------------------------------
 
 
+def test_eval_methods_and_lps_weights_are_checked(tiny_set: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="unknown method.*choose from random, flat_fc, frobenius_fc, lps"):
+        evaluate_modelset(tiny_set, out=tmp_path, methods=["lps", "svm"], progress=False)
+    with pytest.raises(UserError, match="weights must be 4 non-negative numbers"):
+        evaluate_modelset(
+            tiny_set, out=tmp_path, lps_weights=[1, 1], sections=["classification"], progress=False
+        )
+
+
 def test_eval_needs_two_models_per_task(set_copy: Path) -> None:
     entries = read_index(set_copy)
     atomic_write_json(set_copy / INDEX, [e for e in entries if not (e["task_id"] == 1 and e["seed"] > 1000)])

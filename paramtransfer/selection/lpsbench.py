@@ -32,11 +32,18 @@ from paramtransfer.errors import UserError
 from paramtransfer.methods.base import make_config
 from paramtransfer.models.zoo import build_model
 from paramtransfer.selection.lps import SecondOrderNet, model_parameters
-from paramtransfer.selection.modelset import SECTIONS, build_modelset, evaluate_modelset, read_index
+from paramtransfer.selection.modelset import (
+    METHODS,
+    SECTIONS,
+    build_modelset,
+    evaluate_modelset,
+    read_index,
+)
 from paramtransfer.selection.rank import SCORE_NAMES, RankConfig, rank_sources
 from paramtransfer.train.checkpoint import atomic_write_json
 
 RESULTS = "results.json"
+VARIANT_SECTIONS = ("classification", "retrieval", "transferability")
 FIGURE = "lps_fig3.png"
 
 
@@ -69,6 +76,9 @@ class EvalSettings:
     seed: int = 0
     ari_images: int = 500
     sections: list[str] = field(default_factory=lambda: list(SECTIONS))
+    # extra LPS rows with other branch weights w_l (Eq. 9), e.g. {"all branches": [1, 1, 1, 1]}: LPS alone
+    # re-evaluated on classification, retrieval and transferability
+    variants: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -148,6 +158,18 @@ def run_lps_bench(
     entries = read_index(set_dir)
     e = cfg.eval
     report = _eval(set_dir, root, e, progress)
+    variants = {
+        name: _eval(
+            set_dir,
+            root / "variants" / _safe(name),
+            e,
+            progress,
+            lps_weights=weights,
+            methods=("lps",),
+            sections=[s for s in VARIANT_SECTIONS if s in e.sections],
+        )
+        for name, weights in e.variants.items()
+    }
     summary: dict[str, Any] = {
         "kind": "lps",
         "config": dataclasses.asdict(cfg),
@@ -159,6 +181,7 @@ def run_lps_bench(
             "wall_time_s": build_s,
         },
         "eval": report,
+        "eval_variants": variants,
     }
     if cfg.rank is not None:
         summary["rank"] = _rankings(set_dir, entries, root / "rank", cfg.rank, progress)
@@ -169,10 +192,23 @@ def run_lps_bench(
     return summary
 
 
-def _eval(set_dir: Path, root: Path, e: EvalSettings, progress: bool) -> dict[str, Any]:
+def _eval(
+    set_dir: Path,
+    root: Path,
+    e: EvalSettings,
+    progress: bool,
+    *,
+    lps_weights: list[float] | None = None,
+    methods: tuple[str, ...] = METHODS,
+    sections: list[str] | None = None,
+) -> dict[str, Any]:
     """``evaluate_modelset``, or the complete ``eval.json`` of an earlier run with the same settings."""
     path = root / "eval.json"
-    settings = dataclasses.asdict(e)
+    sections = e.sections if sections is None else sections
+    settings = {k: v for k, v in dataclasses.asdict(e).items() if k != "variants"}
+    settings["sections"] = list(sections)
+    if lps_weights is not None or tuple(methods) != METHODS:  # a variant
+        settings.update(lps_weights=lps_weights, methods=list(methods))
     if path.is_file():
         old = json.loads(path.read_text())
         if old.get("complete") and old.get("bench_settings") == settings:
@@ -187,7 +223,9 @@ def _eval(set_dir: Path, root: Path, e: EvalSettings, progress: bool) -> dict[st
         filters=e.filters,
         seed=e.seed,
         ari_images=e.ari_images,
-        sections=e.sections,
+        sections=sections,
+        lps_weights=lps_weights,
+        methods=methods,
         progress=progress,
     )
     report["bench_settings"] = settings
@@ -431,6 +469,7 @@ def format_lps_bench(
     """Markdown: the model set, Tables 1-2 beside the paper's, Fig. 3 as tables, ranking tau, timing."""
     paper = paper or {}
     ev, ms = summary["eval"], summary["modelset"]
+    variants = summary.get("eval_variants") or {}
     b = summary["config"]["build"]
     lines = [
         f"Model set: {ms['models']} `{b['arch']}` models ({b['arch_kwargs']}) on {ms['tasks']} "
@@ -449,11 +488,21 @@ def format_lps_bench(
         lines.extend(
             [f"**{title}**", "", "| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
         )
-        for kind, metrics in ev[section]["methods"].items():
+        rows = [(_NAMES[k], m, ref.get(k, [])) for k, m in ev[section]["methods"].items()]
+        rows += [
+            (
+                f"LPS, {name} (w = {tuple(summary['config']['eval']['variants'][name])})",
+                v[section]["methods"]["lps"],
+                [],
+            )
+            for name, v in variants.items()
+            if section in v
+        ]
+        for title_, metrics, paper_values in rows:
             cells = [f"{100 * metrics[k]:.1f}" for k in keys]
             if ref:
-                cells += [f"{v:.1f}" for v in ref.get(kind, [])] or ["—"] * len(keys)
-            lines.append(f"| {_NAMES[kind]} | " + " | ".join(cells) + " |")
+                cells += [f"{v:.1f}" for v in paper_values] or ["—"] * len(keys)
+            lines.append(f"| {title_} | " + " | ".join(cells) + " |")
         lines.append("")
 
     n_cls = ev.get("classification", {})
@@ -476,10 +525,16 @@ def format_lps_bench(
         lines += ["**Transferability (Fig. 3a):** mean Spearman ρ between a query's similarity to every", ""]
         lines[-2] += " other model and that model's k-means ARI on the query task's test images"
         lines += ["| method | mean ρ | std over queries |", "|---|---|---|"]
-        for kind, m in ev["transferability"]["methods"].items():
+        rows = [(_NAMES[k], m) for k, m in ev["transferability"]["methods"].items()]
+        rows += [
+            (f"LPS, {name}", v["transferability"]["methods"]["lps"])
+            for name, v in variants.items()
+            if "transferability" in v
+        ]
+        for title_, m in rows:
             rho = "—" if m["mean_spearman"] is None else f"{m['mean_spearman']:+.3f}"
             sd = "—" if m["std_spearman"] is None else f"{m['std_spearman']:.3f}"
-            lines.append(f"| {_NAMES[kind]} | {rho} | {sd} |")
+            lines.append(f"| {title_} | {rho} | {sd} |")
         lines.append("")
     if "branches" in ev:
         top1 = ev["branches"]["top1"]

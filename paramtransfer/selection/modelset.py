@@ -401,8 +401,13 @@ class EvalConfig:
     seed: int = 0
     ari_images: int = 500
     random_trials: int = 100
+    lps_weights: list[float] | None = None
+    methods: tuple[str, ...] = METHODS
 
     def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         for name in ("epochs", "batch_size", "embed_dim", "filters", "ari_images", "random_trials"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1 (got {getattr(self, name)})")
@@ -418,6 +423,8 @@ def _make_net(kind: str, ms: ModelSet, num_classes: int, cfg: EvalConfig, **lps:
             return FlatFC(ms.layer_shapes, cfg.embed_dim, num_classes)
         if kind == "frobenius_fc":
             return FrobeniusFC(ms.layer_shapes, cfg.embed_dim, num_classes, filters=cfg.filters, **lps)
+        if cfg.lps_weights is not None and "weights" not in lps:
+            lps["weights"] = cfg.lps_weights
         return SecondOrderNet(ms.layer_shapes, cfg.embed_dim, num_classes, filters=cfg.filters, **lps)
 
 
@@ -626,10 +633,14 @@ class _Evaluator:
         logits = _in_chunks(lambda p: net(p).logits, _select(self.params, test))
         return _top_k(logits, self.ms.labels[test])
 
+    def _second_order(self) -> list[str]:
+        """The second-order methods asked for (``random`` needs no network and is always reported)."""
+        return [m for m in METHODS[1:] if m in self.cfg.methods]
+
     def classification(self) -> dict[str, Any]:
         """Sec. 5.1 / Table 1."""
         methods = {"random": _random_top_k(len(self.ms.tasks))}
-        for kind in METHODS[1:]:
+        for kind in self._second_order():
             methods[kind] = self._classify(self._fit(kind, self.splits.cls_train, f"{kind}: classification"))
         return {
             "train_models": len(self.splits.cls_train),
@@ -654,7 +665,7 @@ class _Evaluator:
         """Sec. 5.2 / Table 2: rank the gallery by cosine similarity of the embeddings."""
         s, labels = self.splits, self.ms.labels
         methods = {"random": self._random_retrieval()}
-        for kind in METHODS[1:]:
+        for kind in self._second_order():
             emb = self.embeddings(kind)
             sim = similarity_matrix(emb[s.query], emb[s.gallery])
             methods[kind] = _retrieval_metrics(sim, labels[s.query], labels[s.gallery], self.cfg.seed)
@@ -682,9 +693,18 @@ class _Evaluator:
         """Sec. 5.3 / Fig. 3a: per query model, Spearman(similarity to each other model, that model's ARI of
         k-means with 2 clusters on its penultimate features of the query task's test images)."""
         s = self.splits
-        ari = _ari_table(self.ms, s.ret_test_tasks, self.cfg, self.progress)  # [held-out tasks, N]
+        key = (
+            str(self.ms.root.resolve()),
+            len(self.ms.entries),
+            tuple(s.ret_test_tasks),
+            self.cfg.ari_images,
+        )
+        key += (self.cfg.seed,)
+        if key not in _ARI_MEMO:  # the same table for every evaluation of this set in this process
+            _ARI_MEMO[key] = _ari_table(self.ms, s.ret_test_tasks, self.cfg, self.progress)
+        ari = _ARI_MEMO[key]  # [held-out tasks, N]
         methods = {}
-        for kind in METHODS:
+        for kind in ("random", *self._second_order()):
             emb = self.embeddings(kind)
             rhos = []
             for q in s.query.tolist():
@@ -721,6 +741,9 @@ class _Evaluator:
         branches = range(1, len(self.params))
         top1 = {a: [self.branch_top1(b, a) for b in branches] for a in ALIGNMENTS}
         return {"branches": [b + 1 for b in branches], "top1": top1, "chance": 1 / len(self.ms.tasks)}
+
+
+_ARI_MEMO: dict[tuple, torch.Tensor] = {}
 
 
 def _ari_table(ms: ModelSet, tasks: Sequence[int], cfg: EvalConfig, progress: bool) -> torch.Tensor:
@@ -760,6 +783,8 @@ def evaluate_modelset(
     seed: int = 0,
     ari_images: int = 500,
     sections: Sequence[str] = SECTIONS,
+    lps_weights: Sequence[float] | None = None,
+    methods: Sequence[str] = METHODS,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate LPS and its baselines on a model set (Secs. 5.1-5.5) and write ``out/eval.json``.
@@ -780,6 +805,11 @@ def evaluate_modelset(
         seed: seeds the splits, the networks' initialisation and batch order, k-means.
         ari_images: test images per task for the k-means ARI of Sec. 5.3.
         sections: which of ``SECTIONS`` to run.
+        lps_weights: Eq. 9's ``w_l`` for the LPS network of classification, retrieval and
+            transferability (default: the paper's ``(1, 0, ..., 0)``; branches and alignment always
+            weight one branch).
+        methods: the second-order methods to train (default: all of ``METHODS``; ``random`` is always
+            reported).
 
     Returns:
         The report written to ``eval.json``: one dict per section (metrics in [0, 1], ``time_s``), the
@@ -789,7 +819,15 @@ def evaluate_modelset(
     if unknown:
         raise UserError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     cfg = EvalConfig(
-        epochs, lr, batch_size, embed_dim=embed_dim, filters=filters, seed=seed, ari_images=ari_images
+        epochs,
+        lr,
+        batch_size,
+        embed_dim=embed_dim,
+        filters=filters,
+        seed=seed,
+        ari_images=ari_images,
+        lps_weights=list(lps_weights) if lps_weights is not None else None,
+        methods=tuple(methods),
     )
     start = time.perf_counter()
     ms = load_modelset(directory)
