@@ -56,14 +56,15 @@ def test_tiny_lps_bench_end_to_end_and_resumed(tmp_path: Path, monkeypatch) -> N
     assert variant["settings"]["lps_weights"] == [1, 1, 1, 1]
     target = summary["rank"]["targets"]["digits[5-9]"]
     assert summary["rank"]["candidates"] == 3  # one model per task
-    assert set(target["weighted_tau"]) == set(SCORE_NAMES)
+    assert set(target["weighted_tau"]) == {*SCORE_NAMES, "lps[all branches]"}
+    assert summary["rank"]["scores"][-1] == "lps[all branches]"
     assert [row["width"] for row in summary["timing"]] == [2, 4]
     assert summary["timing"][1]["params"] > summary["timing"][0]["params"]
     assert (tmp_path / "results.json").is_file() and (tmp_path / "eval.json").is_file()
     assert (tmp_path / "lps_fig3.png").stat().st_size > 1000
     text = format_lps_bench(summary, {"table1": {"lps": [79.8, 94.8, 98.0]}})
     assert "Table 1" in text and "79.8" in text and "Time to embed one model" in text
-    assert "LPS, all branches (w = (1, 1, 1, 1))" in text
+    assert "LPS, all branches (w = (1, 1, 1, 1))" in text and "LPS (all branches)" in text
     section = render_lps(summary, None, tmp_path)  # the bench report's section for kind: lps
     assert len(section.claims) == 3 and all(c.verdict in VERDICTS for c in section.claims)
     assert "Claims" in section.markdown and "Task retrieval" in section.markdown
@@ -77,6 +78,10 @@ def test_tiny_lps_bench_end_to_end_and_resumed(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(lpsbench, "rank_sources", refuse)
     again = run_lps_bench(TINY, tmp_path, progress=False)
     assert again["eval"]["classification"] == summary["eval"]["classification"]
+    assert again["rank"] == summary["rank"]
+    changed = {**TINY, "rank": {**TINY["rank"], "verify_epochs": 2}}  # other settings: ranked again
+    with pytest.raises(AssertionError, match="a finished stage was redone"):
+        run_lps_bench(changed, tmp_path, progress=False)
 
 
 def _summary(lps: float, best: float, n: int) -> dict:

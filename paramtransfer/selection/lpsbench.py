@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from paramtransfer.selection.lps import SecondOrderNet, model_parameters
 from paramtransfer.selection.modelset import (
     METHODS,
     SECTIONS,
+    EvalConfig,
     build_modelset,
     evaluate_modelset,
     read_index,
@@ -184,7 +186,7 @@ def run_lps_bench(
         "eval_variants": variants,
     }
     if cfg.rank is not None:
-        summary["rank"] = _rankings(set_dir, entries, root / "rank", cfg.rank, progress)
+        summary["rank"] = _rankings(set_dir, entries, root / "rank", cfg.rank, e.variants, progress)
     if cfg.timing is not None:
         summary["timing"] = embedding_time(cfg.timing, e)
     atomic_write_json(root / RESULTS, summary)
@@ -234,22 +236,28 @@ def _eval(
 
 
 def _rankings(
-    set_dir: Path, entries: list[dict[str, Any]], root: Path, r: RankSettings, progress: bool
+    set_dir: Path,
+    entries: list[dict[str, Any]],
+    root: Path,
+    r: RankSettings,
+    variants: dict[str, list[float]],
+    progress: bool,
 ) -> dict[str, Any]:
-    """Rank one candidate per task for every target and seed; weighted tau per score, mean over seeds."""
+    """Rank one candidate per task for every target and seed; weighted tau per score, mean over seeds.
+
+    Each LPS variant (other branch weights ``w_l``) adds a score ``lps[NAME]``: its similarities to the
+    same probe, judged against the same fine-tuned accuracies (``OUT/rank/<target>/seed=<s>/lps_NAME.json``).
+    """
     first: dict[str, dict[str, Any]] = {}
     for x in entries:
         first.setdefault(x["task"], x)
     candidates = [str(set_dir / x["path"]) for x in first.values()]
-    out: dict[str, Any] = {"candidates": len(candidates), "targets": {}}
+    scores = [*SCORE_NAMES, *(f"lps[{name}]" for name in variants)]
+    out: dict[str, Any] = {"candidates": len(candidates), "scores": scores, "targets": {}}
     for target in r.targets:
         per_seed = []
         for seed in r.seeds:
             d = root / _safe(target) / f"seed={seed}"
-            done = d / "rank.json"
-            if done.is_file():
-                per_seed.append(json.loads(done.read_text()))
-                continue
             config = RankConfig(
                 shots=r.shots,
                 seed=seed,
@@ -258,25 +266,71 @@ def _rankings(
                 verify_lr=r.verify_lr,
                 test_limit=r.test_limit,
             )
-            per_seed.append(
-                rank_sources(
+            report = _read_if(d / "rank.json", lambda rep, c=config: _same_rank_config(rep.get("config"), c))
+            if report is None:
+                report = rank_sources(
                     target, candidates, d, config=config, verify=True, lps_set=set_dir, progress=progress
                 )
-            )
-        taus = {s: [p["weighted_tau"].get(s) for p in per_seed] for s in SCORE_NAMES}
+            for name, weights in variants.items():
+                _add_lps_variant(report, d, set_dir, config, name, weights)
+            per_seed.append(report)
+        taus = {s: [p["weighted_tau"].get(s) for p in per_seed] for s in scores}
         accs = [[c["finetune_accuracy"] for c in p["candidates"]] for p in per_seed]
         out["targets"][target] = {
             "weighted_tau": {s: _mean_std([t for t in v if t is not None]) for s, v in taus.items()},
             "finetune_accuracy_range": [min(min(a) for a in accs), max(max(a) for a in accs)],
             "best_by": {
-                s: [max(p["candidates"], key=lambda c, s=s: c[s])["task"] for p in per_seed]
-                for s in SCORE_NAMES
+                s: [max(p["candidates"], key=lambda c, s=s: c[s])["task"] for p in per_seed] for s in scores
             },
             "best_true": [
                 max(p["candidates"], key=lambda c: c["finetune_accuracy"])["task"] for p in per_seed
             ],
         }
     return out
+
+
+def _same_rank_config(old: dict[str, Any] | None, config: RankConfig) -> bool:
+    """Whether a stored rank report was made with ``config`` (settings added to the LPS network since,
+    absent from the stored ones, count as their defaults)."""
+    new = json.loads(json.dumps(dataclasses.asdict(config)))
+    if old is None or set(old) != set(new):
+        return False
+    lps_defaults = json.loads(json.dumps(dataclasses.asdict(EvalConfig())))
+    return all(old[k] == new[k] for k in new if k != "lps") and {**lps_defaults, **old["lps"]} == new["lps"]
+
+
+def _read_if(path: Path, ok: Any) -> dict[str, Any] | None:
+    """The JSON at ``path`` if it exists and ``ok(it)``; else None (to be recomputed)."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data if ok(data) else None
+
+
+def _add_lps_variant(
+    report: dict[str, Any], d: Path, set_dir: Path, config: RankConfig, name: str, weights: list[float]
+) -> None:
+    """Add the score ``lps[name]`` (LPS with branch weights ``weights``) and its tau to a rank report."""
+    from paramtransfer.data.task import load_task
+    from paramtransfer.models.store import load_model
+    from paramtransfer.selection.rank import Candidate, lps_scores, weighted_tau
+
+    key, path = f"lps[{name}]", d / f"lps_{_safe(name)}.json"
+    cfg = dataclasses.replace(config, lps=EvalConfig(lps_weights=list(weights)))
+    cached = _read_if(path, lambda v: v.get("weights") == list(weights) and v.get("config") == config.seed)
+    if cached is None:
+        rows = report["candidates"]
+        cands = [Candidate(row["name"], Path(row["path"]), row["task"]) for row in rows]
+        in_shape = tuple(load_model(cands[0].path).in_shape)
+        task = load_task(report["target"], cfg.shots, cfg.seed, test_limit=cfg.test_limit, in_shape=in_shape)
+        sims = lps_scores(set_dir, cands, task, cfg)
+        tau = weighted_tau(sims, [row["finetune_accuracy"] for row in rows])
+        tau = tau if math.isfinite(tau) else None  # undefined: every accuracy (or score) tied
+        cached = {"weights": list(weights), "config": config.seed, "similarity": sims, "tau": tau}
+        atomic_write_json(path, cached)
+    for row, sim in zip(report["candidates"], cached["similarity"], strict=True):
+        row[key] = sim
+    report["weighted_tau"][key] = cached["tau"]
 
 
 def embedding_time(t: TimingSettings, e: EvalSettings) -> list[dict[str, Any]]:
@@ -328,6 +382,12 @@ _NAMES = {
     "lps": "Frobenius+FC, w/ alignment (LPS)",
 }
 _SCORE_LABELS = {"lps": "LPS", "logme": "LogME", "leep": "LEEP", "nce": "NCE", "hscore": "H-score"}
+
+
+def _score_label(score: str) -> str:
+    """``"lps[all branches]"`` -> ``"LPS (all branches)"``."""
+    name, _, variant = score.partition("[")
+    return _SCORE_LABELS[name] + (f" ({variant.rstrip(']')})" if variant else "")
 
 
 def _binomial_noise(p: float, q: float, n: int) -> float:
@@ -560,18 +620,17 @@ def format_lps_bench(
         lines.append("")
     if "rank" in summary:
         r = summary["rank"]
+        scores = r.get("scores", SCORE_NAMES)
         lines += [
             f"**Ranking {r['candidates']} candidate sources (one model per task)**: weighted Kendall τ "
             "between each score and the accuracy after fine-tuning every candidate (mean ± std over seeds)",
             "",
-            "| target | "
-            + " | ".join(_SCORE_LABELS[s] for s in SCORE_NAMES)
-            + " | fine-tuned accuracy range |",
-            "|---" * (len(SCORE_NAMES) + 2) + "|",
+            "| target | " + " | ".join(_score_label(s) for s in scores) + " | fine-tuned accuracy range |",
+            "|---" * (len(scores) + 2) + "|",
         ]
         for target, t in r["targets"].items():
             cells = []
-            for s in SCORE_NAMES:
+            for s in scores:
                 v = t["weighted_tau"][s]
                 cells.append("—" if v["mean"] is None else f"{v['mean']:+.3f} ± {v['std']:.3f}")
             lo, hi = t["finetune_accuracy_range"]
@@ -633,11 +692,12 @@ def plot_lps(summary: dict[str, Any], path: Path) -> Path | None:
             ax.legend(fontsize=7)
         else:
             targets = summary["rank"]["targets"]
-            width = 0.8 / len(SCORE_NAMES)
-            for i, score in enumerate(SCORE_NAMES):
+            scores = summary["rank"].get("scores", SCORE_NAMES)
+            width = 0.8 / len(scores)
+            for i, score in enumerate(scores):
                 means = [t["weighted_tau"][score]["mean"] for t in targets.values()]
-                xs = [j + (i - (len(SCORE_NAMES) - 1) / 2) * width for j in range(len(targets))]
-                ax.bar(xs, [m if m is not None else 0.0 for m in means], width, label=_SCORE_LABELS[score])
+                xs = [j + (i - (len(scores) - 1) / 2) * width for j in range(len(targets))]
+                ax.bar(xs, [m if m is not None else 0.0 for m in means], width, label=_score_label(score))
             ax.axhline(0, color="black", lw=0.5)
             ax.set_xticks(range(len(targets)), list(targets), fontsize=7)
             ax.set(ylabel="weighted Kendall τ", title="ranking sources vs fine-tuned accuracy")
