@@ -58,6 +58,7 @@ def test_tiny_lps_bench_end_to_end_and_resumed(tmp_path: Path, monkeypatch) -> N
     assert summary["rank"]["candidates"] == 3  # one model per task
     assert set(target["weighted_tau"]) == {*SCORE_NAMES, "lps[all branches]"}
     assert summary["rank"]["scores"][-1] == "lps[all branches]"
+    assert set(target["best_true"]) <= {"digits[0,1]", "digits[0,2]", "digits[0,3]"}
     assert [row["width"] for row in summary["timing"]] == [2, 4]
     assert summary["timing"][1]["params"] > summary["timing"][0]["params"]
     assert (tmp_path / "results.json").is_file() and (tmp_path / "eval.json").is_file()

@@ -252,6 +252,7 @@ def _rankings(
     for x in entries:
         first.setdefault(x["task"], x)
     candidates = [str(set_dir / x["path"]) for x in first.values()]
+    task_of = dict(zip(candidates, first, strict=True))
     scores = [*SCORE_NAMES, *(f"lps[{name}]" for name in variants)]
     out: dict[str, Any] = {"candidates": len(candidates), "scores": scores, "targets": {}}
     for target in r.targets:
@@ -280,10 +281,11 @@ def _rankings(
             "weighted_tau": {s: _mean_std([t for t in v if t is not None]) for s, v in taus.items()},
             "finetune_accuracy_range": [min(min(a) for a in accs), max(max(a) for a in accs)],
             "best_by": {
-                s: [max(p["candidates"], key=lambda c, s=s: c[s])["task"] for p in per_seed] for s in scores
+                s: [task_of[max(p["candidates"], key=lambda c, s=s: c[s])["path"]] for p in per_seed]
+                for s in scores
             },
             "best_true": [
-                max(p["candidates"], key=lambda c: c["finetune_accuracy"])["task"] for p in per_seed
+                task_of[max(p["candidates"], key=lambda c: c["finetune_accuracy"])["path"]] for p in per_seed
             ],
         }
     return out
