@@ -68,7 +68,7 @@ def test_tiny_lps_bench_end_to_end_and_resumed(tmp_path: Path, monkeypatch) -> N
     assert "LPS, all branches (w = (1, 1, 1, 1))" in text and "LPS (all branches)" in text
     section = render_lps(summary, None, tmp_path)  # the bench report's section for kind: lps
     assert len(section.claims) == 3 and all(c.verdict in VERDICTS for c in section.claims)
-    assert "Claims" in section.markdown and "Task retrieval" in section.markdown
+    assert "claims on our model set" in section.markdown and "Task retrieval" in section.markdown
     assert KINDS.get("lps").run is run_lps_bench
 
     def refuse(*args, **kwargs):

@@ -460,7 +460,8 @@ def lps_claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
     if "transferability" in ev:
         m = ev["transferability"]["methods"]["lps"]
         if m["mean_spearman"] is not None:
-            noise = (m["std_spearman"] or 0.0) / max(m["queries"], 1) ** 0.5
+            # one query has no spread to judge by: inconclusive
+            noise = (m["std_spearman"] or 0.0) / m["queries"] ** 0.5 if m["queries"] > 1 else math.inf
             add(
                 "parameter similarity grows with transferability (k-means ARI)",
                 "Fig. 3a: roughly proportional",
@@ -514,14 +515,7 @@ def render_lps(summary: dict[str, Any], paper: dict[str, Any] | None, results_di
         )
         for c in lps_claims(summary)
     ]
-    text = format_lps_bench(summary, paper, with_claims=False)
-    if claims:
-        text += (
-            "\n**Claims** (one evaluation, so the noise is the binomial standard error of the difference of "
-            "two accuracies on the same test models; for ρ, the standard error over the queries)\n\n"
-            + "\n".join(c.markdown() for c in claims)
-            + "\n"
-        )
+    text = format_lps_bench(summary, paper)
     return Section(text, sorted(results_dir.glob("*.png")), claims)
 
 
@@ -653,7 +647,12 @@ def format_lps_bench(
         lines.append("")
     claims = lps_claims(summary) if with_claims else []
     if claims:
-        lines += ["**The paper's claims on our model set**", ""]
+        lines += [
+            "**The paper's claims on our model set** (one evaluation: the noise is the binomial standard "
+            "error of the difference of two accuracies on the same test models; for ρ, the standard error "
+            "of the mean over the queries)",
+            "",
+        ]
         for c in claims:
             (bl, bv), (wl, wv) = c["better"], c["worse"]
             lines.append(
