@@ -282,8 +282,9 @@ Layout:
 
 Finished runs are reused: an interrupted bench continues where it stopped, and a finished setting only
 rebuilds its table and plots. Times on 2 CPU cores (the suites' READMEs): ptu about 1.7 h, dtnh about
-1.3 h, spottune about 2.5 h (ResNet-20 and a ResNet-38 source); speed about 8 min. --executor ray
-spreads each setting's runs over a cluster.
+1.3 h, spottune about 2.5 h (ResNet-20 and a ResNet-38 source), lps about 1 h (450 models; an lps
+setting's models are the runs Ray spreads); speed about 8 min. --executor ray spreads each setting's
+runs over a cluster.
 
 `paramtransfer report OUT` (or `paramtransfer report benchmarks`) rebuilds report.md from the results
 alone, without running anything.

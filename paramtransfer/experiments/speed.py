@@ -8,6 +8,7 @@ change the architecture it runs on, e.g. ``finetune[arch.depth=38]``.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -64,16 +65,21 @@ def _interleaved_medians(fns: dict[str, Callable[[], float]], repeats: int, warm
     """Median over ``repeats`` rounds of the seconds each ``fn`` reports for itself.
 
     Every fn runs ``warmup`` times first; then each round calls every fn once, in turn (round-robin),
-    so that a change of machine load during the measurement affects all of them alike. A fn times only
-    the part that is to be compared and leaves its own set-up (e.g. copying a model) out of the clock.
+    so that a change of machine load during the measurement affects all of them alike. The order is
+    shuffled every round (seeded): in a fixed order, a step measured right after a heavy one (PTU's)
+    came out ~10-15 % slower than the same work measured elsewhere in the round. A fn times only the part
+    that is to be compared and leaves its own set-up (e.g. copying a model) out of the clock.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    shuffle = random.Random(0)
     for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(fn())
+        shuffle.shuffle(order)
+        for k in order:
+            times[k].append(fns[k]())
     return {k: statistics.median(v) for k, v in times.items()}
 
 
