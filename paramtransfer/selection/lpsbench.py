@@ -140,22 +140,7 @@ def run_lps_bench(
     set_dir = root / "modelset"
     b = cfg.build
     t0 = time.perf_counter()
-    build_modelset(
-        b.dataset,
-        set_dir,
-        models_per_task=b.models_per_task,
-        arch=b.arch,
-        epochs=b.epochs,
-        max_tasks=b.max_tasks,
-        shots=b.shots,
-        limit=b.limit,
-        lr=b.lr,
-        seed=b.seed,
-        arch_kwargs=b.arch_kwargs,
-        train_options=b.train_options,
-        progress=progress,
-        executor=executor,
-    )
+    build_modelset(out=set_dir, progress=progress, executor=executor, **dataclasses.asdict(b))
     build_s = time.perf_counter() - t0
     entries = read_index(set_dir)
     e = cfg.eval
@@ -215,20 +200,15 @@ def _eval(
         old = json.loads(path.read_text())
         if old.get("complete") and old.get("bench_settings") == settings:
             return old
+    options = {k: v for k, v in dataclasses.asdict(e).items() if k not in ("sections", "variants")}
     report = evaluate_modelset(
         set_dir,
         out=root,
-        epochs=e.epochs,
-        lr=e.lr,
-        batch_size=e.batch_size,
-        embed_dim=e.embed_dim,
-        filters=e.filters,
-        seed=e.seed,
-        ari_images=e.ari_images,
         sections=sections,
         lps_weights=lps_weights,
         methods=methods,
         progress=progress,
+        **options,
     )
     report["bench_settings"] = settings
     atomic_write_json(path, report)
