@@ -343,6 +343,14 @@ def _add_rank_parser(sub: Any) -> None:
         "--shots", type=_positive_int, default=20, help="labelled target examples per class (default: 20)"
     )
     p.add_argument(
+        "--lps-weights",
+        type=_floats,
+        default=None,
+        metavar="W1,W2,...",
+        help="Eq. 9's branch weights of the LPS network, one per layer (default: the paper's 1,0,...,0; "
+        "on Fashion-MNIST pairs branch 2 alone, 0,1,0,0, classified tasks best: benchmarks/lps)",
+    )
+    p.add_argument(
         "--verify", action="store_true", help="fine-tune every candidate and report weighted Kendall tau"
     )
     p.add_argument(
@@ -692,7 +700,14 @@ def _cmd_modelset(args: argparse.Namespace) -> None:
 def _cmd_rank(args: argparse.Namespace) -> None:
     from paramtransfer.selection.rank import RankConfig, format_rank, rank_sources
 
-    config = RankConfig(shots=args.shots, seed=args.seed, verify_epochs=args.verify_epochs)
+    from paramtransfer.selection.modelset import EvalConfig
+
+    config = RankConfig(
+        shots=args.shots,
+        seed=args.seed,
+        verify_epochs=args.verify_epochs,
+        lps=EvalConfig(lps_weights=args.lps_weights),
+    )
     report = rank_sources(
         args.target,
         args.sources,

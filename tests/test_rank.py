@@ -108,6 +108,12 @@ def test_cli_rank_writes_the_table_and_errors_are_one_line(tiny_set: Path, tmp_p
     printed = capsys.readouterr().out
     assert "| candidate | lps | logme | leep | nce | hscore |" in printed
     assert json.loads((out / "rank.json").read_text())["target"] == "digits[0-1]"  # the canonical spec
+    weighted = tmp_path / "rank2"
+    assert main([*argv, "--lps-weights", "0,1,0,0", "--out", str(weighted)]) == 0
+    capsys.readouterr()
+    assert json.loads((weighted / "rank.json").read_text())["config"]["lps"]["lps_weights"] == [0, 1, 0, 0]
+    assert main([*argv, "--lps-weights", "1,1", "--out", str(tmp_path / "bad")]) == 2
+    assert "weights must be 4 non-negative numbers" in capsys.readouterr().err
     assert main(["rank", "--target", "digits[0,1]", "--sources", str(tmp_path / "nothing"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("paramtransfer: error:") and "neither a model set" in err and "\n" not in err
