@@ -698,9 +698,8 @@ def _cmd_modelset(args: argparse.Namespace) -> None:
 
 
 def _cmd_rank(args: argparse.Namespace) -> None:
-    from paramtransfer.selection.rank import RankConfig, format_rank, rank_sources
-
     from paramtransfer.selection.modelset import EvalConfig
+    from paramtransfer.selection.rank import RankConfig, format_rank, rank_sources
 
     config = RankConfig(
         shots=args.shots,
