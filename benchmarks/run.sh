@@ -1,24 +1,16 @@
 #!/usr/bin/env bash
 # Runs benchmark settings and records their results: `bash benchmarks/run.sh SUITE [NAME ...]`.
-# SUITE is a folder under benchmarks/ (ptu, dtnh, ...); each NAME is SUITE/NAME.yaml (default: every
-# YAML of the suite, in name order). Each setting is one `paramtransfer compare --config`; finished runs
-# are reused, so an interrupted benchmark continues where it stopped. Results are copied (results.json,
-# table.md, config.yaml, plots) to benchmarks/SUITE/results/NAME/.
+# A thin wrapper over `paramtransfer bench SUITE/NAME --record` (see `paramtransfer bench --help`): each
+# setting runs into runs/bench/SUITE/NAME (finished runs are reused, so an interrupted benchmark
+# continues where it stopped), its results are copied to benchmarks/SUITE/results/NAME/ and
+# benchmarks/report.md is rebuilt. Without NAMEs: every setting of the suite, in name order.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 suite=${1:?usage: bash benchmarks/run.sh SUITE [NAME ...]}
 shift
-[ -d "benchmarks/$suite" ] || { echo "no benchmark suite benchmarks/$suite" >&2; exit 2; }
-names=("$@")
-if [ ${#names[@]} -eq 0 ]; then
-  for f in "benchmarks/$suite"/*.yaml; do names+=("$(basename "$f" .yaml)"); done
+if [ $# -eq 0 ]; then
+  exec .venv/bin/paramtransfer bench "$suite" --record --quiet
 fi
-for n in "${names[@]}"; do
-  [ -f "benchmarks/$suite/$n.yaml" ] || { echo "no benchmarks/$suite/$n.yaml" >&2; exit 2; }
-  start=$(date +%s)
-  .venv/bin/paramtransfer compare --config "benchmarks/$suite/$n.yaml" --out "runs/bench/$suite/$n" --quiet
-  mkdir -p "benchmarks/$suite/results/$n"
-  cp "runs/bench/$suite/$n"/{results.json,table.md,config.yaml} "benchmarks/$suite/results/$n/"
-  cp "runs/bench/$suite/$n"/*.png "benchmarks/$suite/results/$n/"
-  echo "$suite/$n: $(( $(date +%s) - start )) s"
+for n in "$@"; do
+  .venv/bin/paramtransfer bench "$suite/$n" --record --quiet
 done
