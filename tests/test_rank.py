@@ -91,6 +91,28 @@ def test_rank_end_to_end_with_verification(tiny_set: Path, tmp_path: Path) -> No
     assert "Weighted Kendall τ" in md and md.count("| digits[0,") == 6
 
 
+def test_the_second_order_network_is_trained_once_per_set_and_settings(tiny_set: Path, monkeypatch) -> None:
+    from paramtransfer.selection import rank
+    from paramtransfer.selection.modelset import EvalConfig
+
+    calls: list[int] = []
+    real = rank.train_second_order
+    monkeypatch.setattr(rank, "train_second_order", lambda ms, cfg: calls.append(cfg.epochs) or real(ms, cfg))
+    monkeypatch.setattr(rank, "_SECOND_ORDER", {})
+    candidates, _ = find_candidates([tiny_set])
+    task = pt.load_task("digits[0,1]", shots=5, seed=0, test_limit=50)
+    config = RankConfig(shots=5, probe_epochs=1, lps=EvalConfig(epochs=2))
+    first = rank.lps_scores(tiny_set, candidates, task, config)
+    rank.lps_scores(
+        tiny_set, candidates, task, RankConfig(shots=5, seed=1, probe_epochs=1, lps=EvalConfig(epochs=2))
+    )
+    assert calls == [2]  # another target seed: the same network
+    rank._SECOND_ORDER.clear()
+    assert rank.lps_scores(tiny_set, candidates, task, config) == first  # trained again: the same scores
+    rank.lps_scores(tiny_set, candidates, task, RankConfig(shots=5, probe_epochs=1, lps=EvalConfig(epochs=3)))
+    assert calls == [2, 2, 3]  # other settings: another network
+
+
 def test_loose_models_are_ranked_without_lps_unless_a_set_is_given(tiny_set: Path, tmp_path: Path) -> None:
     found, _ = find_candidates([tiny_set])
     paths = [c.path for c in found[:3]]

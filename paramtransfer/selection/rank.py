@@ -18,6 +18,7 @@ agreeing on the best candidates counts more than agreeing on the worst.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import WEIGHTS, load_model
 from paramtransfer.models.zoo import build_model
 from paramtransfer.selection.lps import model_parameters, similarity
-from paramtransfer.selection.modelset import INDEX, EvalConfig, load_modelset, train_second_order
+from paramtransfer.selection.modelset import INDEX, EvalConfig, ModelSet, load_modelset, train_second_order
 from paramtransfer.selection.scores import hscore, leep, logme, nce
 from paramtransfer.train.checkpoint import atomic_write_bytes, atomic_write_json
 
@@ -126,11 +127,25 @@ def _probe(arch: dict[str, Any], task: Task, config: RankConfig) -> LayeredNet:
     return model
 
 
+_SECOND_ORDER: dict[tuple, tuple[ModelSet, torch.nn.Module]] = {}
+
+
+def _second_order(set_dir: Path, lps: EvalConfig) -> tuple[ModelSet, torch.nn.Module]:
+    """The model set and its trained second-order network; trained once per set (as its index stands)
+    and settings in this process, since neither depends on the target: ranking several targets, seeds
+    or LPS variants of one set reuses it (training is seeded, so the network is the same either way)."""
+    index = (Path(set_dir) / INDEX).resolve()
+    key = (str(index), index.stat().st_mtime_ns, json.dumps(dataclasses.asdict(lps), sort_keys=True))
+    if key not in _SECOND_ORDER:
+        ms = load_modelset(set_dir)
+        _SECOND_ORDER[key] = (ms, train_second_order(ms, lps))
+    return _SECOND_ORDER[key]
+
+
 def lps_scores(set_dir: Path, candidates: list[Candidate], task: Task, config: RankConfig) -> list[float]:
     """Cosine similarity between each candidate and the target's probe, in a second-order network trained
     on the model set at ``set_dir`` (Eq. 9 on its task labels)."""
-    ms = load_modelset(set_dir)
-    net = train_second_order(ms, config.lps)
+    ms, net = _second_order(set_dir, config.lps)
     probe = _probe(load_model(candidates[0].path).describe(), task, config)
 
     def embed(model: LayeredNet) -> torch.Tensor:
