@@ -156,16 +156,15 @@ def load_setting(root: Path, suite: str, name: str) -> tuple[str, dict[str, Any]
 
 def setting_kind(root: Path | None, suite: str, name: str) -> str:
     """The kind a setting's YAML names (``compare`` when the YAML is gone or unreadable; not checked)."""
-    import yaml
+    from paramtransfer.experiments.compare import read_yaml_mapping
 
-    path = root / suite / f"{name}.yaml" if root is not None else None
-    if path is None or not path.is_file():
+    if root is None:
         return "compare"
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
+        data = read_yaml_mapping(root / suite / f"{name}.yaml", "a mapping")
+    except UserError:
         return "compare"
-    return str(data.get("kind", "compare")) if isinstance(data, dict) else "compare"
+    return str(data.get("kind", "compare"))
 
 
 def resolve_name(name: str, root: Path) -> list[tuple[str, str]]:

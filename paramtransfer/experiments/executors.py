@@ -120,14 +120,20 @@ class RayExecutor:
             self._ray.shutdown()
 
 
-def _worker_env() -> dict[str, str]:
-    """Environment of local Ray workers: the driver's ``PYTHONPATH`` (plus the package's own root) and the
-    paramtransfer settings (data and source-cache locations)."""
+def child_pythonpath() -> str:
+    """``PYTHONPATH`` for other Python processes (Ray workers, measuring children): the package's own root
+    first, so that they import this paramtransfer (a source checkout, too), then the driver's entries."""
     import paramtransfer
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(paramtransfer.__file__)))
     paths = [root, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
-    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    return os.pathsep.join(dict.fromkeys(paths))
+
+
+def _worker_env() -> dict[str, str]:
+    """Environment of local Ray workers: :func:`child_pythonpath` and the paramtransfer settings (data and
+    source-cache locations)."""
+    env = {"PYTHONPATH": child_pythonpath()}
     env.update({k: v for k, v in os.environ.items() if k.startswith("PARAMTRANSFER_")})
     return env
 

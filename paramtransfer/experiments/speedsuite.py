@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import paramtransfer
 from paramtransfer.data.task import Split
 from paramtransfer.errors import UserError
 from paramtransfer.experiments.compare import split_arch_options
+from paramtransfer.experiments.executors import child_pythonpath
 from paramtransfer.experiments.speed import _interleaved_medians, _steppers, measure_arch
 from paramtransfer.methods.base import METHODS, make_method, parse_method_spec
 from paramtransfer.models.zoo import build_model, list_models
@@ -385,8 +385,7 @@ def peak_rss_mb(spec: str | None, arch: str, *, batch: int = 128, threads: int |
     threads = threads if threads is not None else torch.get_num_threads()
     args = [str(threads), spec or "", arch, str(batch), str(RSS_STEPS)]
     env = dict(os.environ)
-    package_root = str(Path(paramtransfer.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = child_pythonpath()
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, env=env, check=False
     )

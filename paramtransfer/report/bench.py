@@ -32,7 +32,7 @@ from paramtransfer.report.paper import (
     show_paper_value,
     side_paper,
 )
-from paramtransfer.report.tables import best_ft, corrected_base, ft_level, label, row_order
+from paramtransfer.report.tables import best_ft, corrected_base, ft_level, label, pct, row_order
 from paramtransfer.train.checkpoint import atomic_write_bytes
 
 REPORT = "report.md"
@@ -116,7 +116,7 @@ def detect_layout(directory: str | Path, suites: str | Path | None = None) -> Be
 
 
 def _pm(entry: dict[str, Any]) -> str:
-    return f"{100 * entry['test_mean']:.2f} ± {100 * entry['test_std']:.2f} ({entry.get('n_seeds', '?')})"
+    return f"{pct(entry['test_mean'], entry['test_std'])} ({entry.get('n_seeds', '?')})"
 
 
 def _describe(cfg: dict[str, Any]) -> str:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from paramtransfer.errors import UserError
-from paramtransfer.report.tables import best_ft, label
+from paramtransfer.report.tables import best_ft, label, pct
 
 BEST_FTL = "best_ftl"
 AGREE, DISAGREE, INCONCLUSIVE, MISSING = "agree", "disagree", "inconclusive", "missing"
@@ -94,17 +94,15 @@ def claim_verdict(diff: float, noise: float, *, relation: str = "better", seeds:
 
 def load_paper(path: str | Path) -> dict[str, Any]:
     """``paper.yaml`` checked for the keys the report needs; ``{}`` when the file does not exist."""
-    import yaml
+    from paramtransfer.experiments.compare import read_yaml_mapping
 
     p = Path(path)
     if not p.is_file():
         return {}
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"cannot read {p} as YAML: {err}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("settings", {}), dict):
-        raise UserError(f"{p} must hold a mapping with a 'settings' mapping (see paramtransfer.report.paper)")
+    holds = "a mapping with a 'settings' mapping (see paramtransfer.report.paper)"
+    data = read_yaml_mapping(p, holds)
+    if not isinstance(data.get("settings", {}), dict):
+        raise UserError(f"{p} must hold {holds}")
     for name, entry in (data.get("settings") or {}).items():
         _check_entry(entry, f"{p}: setting {name!r}")
     return data
@@ -267,7 +265,7 @@ class ClaimResult:
 def _pm(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return "—"
-    return f"{100 * entry['test_mean']:.2f} ± {100 * entry['test_std']:.2f}"
+    return pct(entry["test_mean"], entry["test_std"])
 
 
 def evaluate_claims(entry: dict[str, Any], selected: dict[str, dict[str, Any]]) -> list[ClaimResult]:

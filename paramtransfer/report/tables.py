@@ -71,7 +71,8 @@ def best_ft(selected: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]] |
     return max(cands, key=lambda ve: ve[1]["val_mean"])
 
 
-def _pct(mean: float, std: float) -> str:
+def pct(mean: float, std: float) -> str:
+    """``0.8532, 0.0098`` -> ``'85.32 ± 0.98'`` (fractions shown as percentages)."""
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
@@ -148,13 +149,13 @@ def comparison_table(summary: dict[str, Any]) -> str:
             continue
         lr = "—" if e["lr"] is None else f"{e['lr']:g}"
         lines.append(
-            f"| {label(variant)} | {lr} | {_pct(e['val_mean'], e['val_std'])} | "
-            f"{_pct(e['test_mean'], e['test_std'])} | {_notes(e, variant, best, selected)} |"
+            f"| {label(variant)} | {lr} | {pct(e['val_mean'], e['val_std'])} | "
+            f"{pct(e['test_mean'], e['test_std'])} | {_notes(e, variant, best, selected)} |"
         )
     if best is not None:
         v, e = best
         lines.append(
-            f"| **best FT-l** = {label(v)} | {e['lr']:g} | {_pct(e['val_mean'], e['val_std'])} | "
-            f"{_pct(e['test_mean'], e['test_std'])} | l chosen on validation |"
+            f"| **best FT-l** = {label(v)} | {e['lr']:g} | {pct(e['val_mean'], e['val_std'])} | "
+            f"{pct(e['test_mean'], e['test_std'])} | l chosen on validation |"
         )
     return header + "\n".join(lines) + "\n"

@@ -558,9 +558,13 @@ def format_lps_bench(
         "table2",
     )
     if "transferability" in ev:
-        lines += ["**Transferability (Fig. 3a):** mean Spearman ρ between a query's similarity to every", ""]
-        lines[-2] += " other model and that model's k-means ARI on the query task's test images"
-        lines += ["| method | mean ρ | std over queries |", "|---|---|---|"]
+        lines += [
+            "**Transferability (Fig. 3a):** mean Spearman ρ between a query's similarity to every other "
+            "model and that model's k-means ARI on the query task's test images",
+            "",
+            "| method | mean ρ | std over queries |",
+            "|---|---|---|",
+        ]
         rows = [(_NAMES[k], m) for k, m in ev["transferability"]["methods"].items()]
         rows += [
             (f"LPS, {name}", v["transferability"]["methods"]["lps"])
