@@ -17,7 +17,6 @@ import pytest
 
 from paramtransfer.cli import main
 from paramtransfer.data import sources
-from paramtransfer.models.store import save_model
 from paramtransfer.report import load_results
 from paramtransfer.train.checkpoint import load_checkpoint
 
@@ -223,11 +222,6 @@ def test_compare_end_to_end_and_report_rebuilds_the_table(tmp_path, capsys):
 # ---- bad input: one line on stderr, exit code 2 --------------------------------------------------
 
 
-@pytest.fixture
-def saved_lenet(tmp_path_factory, tiny_source) -> Path:
-    return save_model(tiny_source, tmp_path_factory.mktemp("saved") / "lenet_src")
-
-
 def _clear_fashion_cache() -> None:
     clear = getattr(sources, "clear_cache", None)
     if clear is not None:
@@ -245,57 +239,7 @@ def no_fashion_cache():
 
 RUN = ["run", "--target", "fashion[5-9]", "--shots", "2", "--epochs", "1"]
 
-
-def _error_cases(saved: Path) -> list[tuple[list[str], str]]:
-    """(argv, a text the message must contain)."""
-    return [
-        (["run", "--method", "nosuch_method"], "nosuch_method"),
-        (
-            ["run", "--method", "scratch", "--arch", "nosuch_arch", "--shots", "2", "--epochs", "1"],
-            "nosuch_arch",
-        ),
-        (["run", "--method", "scratch", "--target", "fashion[8-12]", "--shots", "2"], "fashion"),
-        (["run", "--method", "scratch", "--target", "folder:/nonexistent", "--shots", "2"], "/nonexistent"),
-        (["run", "--method", "scratch", "--target", "fashion[5-9]", "--shots", "-1"], "shots"),
-        (["run", "--method", "scratch", "--target", "digits", "--shots", "1000"], "shots"),
-        ([*RUN, "--method", "scratch", "--set", "foo"], "foo"),
-        ([*RUN, "--method", "scratch", "--set", "train.no_such_field=1"], "no_such_field"),
-        ([*RUN, "--method", "scratch", "--set", "no_such_option=1"], "no_such_option"),
-        ([*RUN, "--method", "finetune[freeze=9]", "--source", str(saved), "--arch", "lenet"], "freeze=9"),
-        ([*RUN, "--method", "finetune", "--source", str(saved), "--arch", "resnet20"], "resnet20"),
-        ([*RUN, "--method", "scratch", "--set", "train.momentum=-1"], "momentum"),
-    ]
-
-
-_CASE_IDS = [
-    "unknown-method",
-    "unknown-arch",
-    "class-range-outside-dataset",
-    "missing-folder",
-    "negative-shots",
-    "too-many-shots",
-    "malformed-set",
-    "set-unknown-train-field",
-    "set-unknown-key",
-    "freeze-more-blocks-than-source",
-    "saved-source-arch-mismatch",
-    "invalid-momentum",
-]
-
-
-@pytest.mark.parametrize("case", range(len(_CASE_IDS)), ids=_CASE_IDS)
-def test_bad_input_gives_one_error_line_and_exit_2(case, saved_lenet, tmp_path, capsys):
-    argv, needle = _error_cases(saved_lenet)[case]
-    out = tmp_path / "out"
-    code = main([*argv, "--out", str(out)])
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert code == 2, captured.err
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("paramtransfer: error: ")
-    assert needle in lines[0]
-    assert "Traceback" not in captured.err + captured.out
-    assert not (out / "result.json").exists()
+# The table of bad inputs lives in test_bad_inputs.py.
 
 
 def test_missing_fashion_data_in_process(tmp_path, monkeypatch, capsys, no_fashion_cache):

@@ -554,3 +554,56 @@ def test_fit_shape_bad_channels() -> None:
         fit_shape(torch.zeros(1, 2, 4, 4), (3, 4, 4))
     with pytest.raises(UserError):
         fit_shape(torch.zeros(1, 3, 4, 4), (2, 4, 4))
+
+
+# ---- an image's split depends on the dataset and the image, never on the selection ---------------
+
+
+def _image_keys(x: torch.Tensor) -> set[bytes]:
+    return {row.numpy().tobytes() for row in x.reshape(len(x), -1)}
+
+
+_SUBSET_SPECS = ["", "[0-4]", "[5-9]", "[0,5]", "[3-7]", "[9]"]
+
+
+def test_no_test_image_of_one_seed_trains_another_npz(tmp_path: Path) -> None:
+    # Every image unique (its index written in pixels), so image identity is exact.
+    n = 300
+    idx = np.arange(n)
+    x = np.stack([(idx // 256) % 256, idx % 256, np.full(n, 7)], axis=1).astype(np.uint8)
+    x = np.repeat(x[:, :, None], 3, axis=2).reshape(n, 3, 3)
+    np.savez(tmp_path / "uniq.npz", x=x, y=idx % 10)
+    spec = f"npz:{tmp_path / 'uniq.npz'}"
+    tasks = {
+        f"seed {seed} shots {shots}": load_task(spec, shots=shots, seed=seed, in_shape=(1, 3, 3))
+        for seed in (0, 1, 2)
+        for shots in (None, 5)
+    }
+    _assert_no_cross_leak(tasks)
+
+
+def _assert_no_cross_leak(tasks: dict[str, pt.Task]) -> None:
+    for a, ta in tasks.items():
+        test_a = _image_keys(ta.test.x)
+        for b, tb in tasks.items():
+            seen_b = _image_keys(tb.train.x) | _image_keys(tb.val.x)
+            assert not test_a & seen_b, f"{len(test_a & seen_b)} test images of {a} train/validate {b}"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_test_image_of_one_digits_spec_trains_another(seed: int) -> None:
+    raw = sources.load_digits()
+    keys = [row.numpy().tobytes() for row in raw.x.reshape(len(raw.x), -1)]
+    dup = {k for k in keys if keys.count(k) > 1}
+    tasks = {
+        s: load_task(f"digits{s}", shots=None, seed=seed, in_shape=(1, 8, 8)) for s in _SUBSET_SPECS[:-1]
+    }
+    for a, ta in tasks.items():
+        test_a = _image_keys(ta.test.x) - dup
+        for b, tb in tasks.items():
+            seen_b = _image_keys(tb.train.x) | _image_keys(tb.val.x)
+            assert not test_a & seen_b, f"{len(test_a & seen_b)} test images of digits{a} train digits{b}"
+    # and the test set of a subset is exactly the full test set restricted to its classes
+    full = tasks[""]
+    half = tasks["[5-9]"]
+    assert _image_keys(half.test.x) == _image_keys(full.test.x[full.test.y >= 5])

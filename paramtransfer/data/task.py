@@ -95,6 +95,18 @@ def _split_per_class(y: torch.Tensor, num_classes: int, gen: torch.Generator) ->
     return out
 
 
+def _fixed_test_indices(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The test images of a dataset without an official test split: a fixed third of each class.
+
+    Drawn over *all* the dataset's classes in label order, so an image's split depends only on the
+    dataset and the image, never on the class selection of a spec or on the seed: no test image of
+    ``digits[5-9]`` is a training image of ``digits`` (for the full dataset the draw is the one used
+    before this rule, so full-dataset splits are unchanged).
+    """
+    parts = _split_per_class(y, num_classes, torch.Generator().manual_seed(_TEST_SEED))
+    return torch.cat([p[: max(1, math.floor(len(p) * _TEST_FRACTION))] for p in parts])
+
+
 def load_task(
     spec: str,
     shots: int | None = None,
@@ -151,9 +163,8 @@ def load_task(
         test_idx = torch.nonzero(test_y_all >= 0).flatten()
         x_test, y_test = raw.x_test[test_idx], test_y_all[test_idx]
     else:
-        per_class = _split_per_class(pool_y, k, torch.Generator().manual_seed(_TEST_SEED))
-        test_parts = [p[: max(1, math.floor(len(p) * _TEST_FRACTION))] for p in per_class]
-        test_sel = torch.cat(test_parts)
+        test_sel = _fixed_test_indices(raw.y, n_all)
+        test_sel = test_sel[pool_y[test_sel] >= 0]
         x_test, y_test = raw.x[test_sel], pool_y[test_sel]
         keep = torch.ones(len(pool_y), dtype=torch.bool)
         keep[test_sel] = False
