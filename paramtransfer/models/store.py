@@ -108,6 +108,10 @@ def pretrain(
 
     settings = {"epochs": epochs, "seed": seed, "limit": limit, "lr": lr, "batch_size": batch_size}
     settings["arch_kwargs"] = arch_kwargs or {}
+    if not spec.strip().startswith("fashion"):
+        # Datasets without an official test split changed their split rule (test images fixed per
+        # dataset, not per class selection): a source cached under the old rule must not be reused.
+        settings["test_split"] = "per-dataset"
     directory = Path(cache or home()) / "sources" / source_key(arch, spec, **settings)
     if not force and (directory / WEIGHTS).is_file() and (directory / META).is_file():
         return load_model(directory)
