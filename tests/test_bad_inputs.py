@@ -10,6 +10,7 @@ what only a process shows: a closed stdout, an interpreter-level failure). Add e
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from paramtransfer.cli import main
@@ -38,6 +40,55 @@ class Case:
 
 def _plain(*argv: str) -> Callable[[Path, Path], list[str]]:
     return lambda tmp, saved: list(argv)
+
+
+def _data_run(target: str) -> list[str]:
+    return ["run", "--method", "scratch", "--target", target, "--shots", "2", "--epochs", "1", "--quiet"]
+
+
+def _data_xy(n: int = 12) -> dict[str, np.ndarray]:
+    """``n`` 8x8 uint8 images (0 to 255) and labels alternating 0/1."""
+    x = (np.arange(n * 64) * 255 // (n * 64 - 1)).astype(np.uint8).reshape(n, 8, 8)
+    return {"x": x, "y": np.arange(n) % 2}
+
+
+def _data_npz(tmp: Path, name: str, **change: np.ndarray | None) -> list[str]:
+    """argv running on ``tmp/name``: ``_data_xy`` with the arrays in ``change`` replaced (None drops one)."""
+    arrays = {**_data_xy(), **change}
+    np.savez(tmp / name, **{k: v for k, v in arrays.items() if v is not None})
+    return _data_run(f"npz:{tmp / name}")
+
+
+def _data_nan_x() -> np.ndarray:
+    x = _data_xy()["x"].astype(np.float32)
+    x[5, 2, 2] = np.nan
+    return x
+
+
+def _data_bytes(tmp: Path, name: str, data: bytes) -> list[str]:
+    (tmp / name).write_bytes(data)
+    return _data_run(f"npz:{tmp / name}")
+
+
+def _data_npz_bytes() -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **_data_xy())
+    return buf.getvalue()
+
+
+def _data_folder(tmp: Path, bad_name: str, bad: Callable[[bytes], bytes]) -> list[str]:
+    """A two-class image folder whose class ``b`` also holds ``bad_name`` = ``bad(valid PNG bytes)``."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 200).save(buf, "PNG")
+    png = buf.getvalue()
+    for cls in ("a", "b"):
+        (tmp / "imgs" / cls).mkdir(parents=True)
+        for i in range(6):
+            (tmp / "imgs" / cls / f"{i}.png").write_bytes(png)
+    (tmp / "imgs" / "b" / bad_name).write_bytes(bad(png))
+    return _data_run(f"folder:{tmp / 'imgs'}")
 
 
 CASES: list[Case] = [
@@ -93,6 +144,102 @@ CASES: list[Case] = [
     ),
     Case("invalid-momentum", _plain(*RUN, "--method", "scratch", "--set", "train.momentum=-1"), "momentum"),
     # ---- data files (npz, folders) ---------------------------------------------------------------
+    Case(
+        "data-npz-nan-pixels",
+        lambda tmp, saved: _data_npz(tmp, "nan.npz", x=_data_nan_x()),
+        "nan.npz: x holds NaN",
+    ),
+    Case(
+        "data-npz-inf-test-pixels",
+        lambda tmp, saved: _data_npz(
+            tmp, "inf.npz", x_test=np.full((2, 8, 8), np.inf), y_test=np.array([0, 1])
+        ),
+        "inf.npz: x_test holds NaN or infinite",
+    ),
+    Case(
+        "data-npz-fewer-labels-than-images",
+        lambda tmp, saved: _data_npz(tmp, "len.npz", y=np.arange(11) % 2),
+        "x holds 12 images but y holds 11 labels",
+    ),
+    Case(
+        "data-npz-test-length-mismatch",
+        lambda tmp, saved: _data_npz(
+            tmp, "tlen.npz", x_test=np.zeros((3, 8, 8), np.uint8), y_test=np.array([0, 1])
+        ),
+        "x_test holds 3 images but y_test holds 2 labels",
+    ),
+    Case(
+        "data-npz-x-test-without-y-test",
+        lambda tmp, saved: _data_npz(tmp, "xt.npz", x_test=np.zeros((2, 8, 8), np.uint8)),
+        "has x_test but no y_test",
+    ),
+    Case(
+        "data-npz-fractional-labels",
+        lambda tmp, saved: _data_npz(tmp, "frac.npz", y=np.arange(12) / 4),
+        "non-integer label 0.25",
+    ),
+    Case(
+        "data-npz-string-labels",
+        lambda tmp, saved: _data_npz(tmp, "str.npz", y=np.array(["cat", "dog"] * 6)),
+        "not integer class labels",
+    ),
+    Case(
+        "data-npz-one-hot-labels",
+        lambda tmp, saved: _data_npz(tmp, "hot.npz", y=np.eye(2)[np.arange(12) % 2]),
+        "y.argmax(1)",
+    ),
+    Case(
+        "data-npz-object-array",
+        lambda tmp, saved: _data_npz(tmp, "obj.npz", y=np.array([0, 1, None] * 4, dtype=object)),
+        "'y' holds Python objects",
+    ),
+    Case(
+        "data-npz-random-bytes",
+        lambda tmp, saved: _data_bytes(tmp, "noise.npz", bytes(range(256)) * 4),
+        "noise.npz is not an npz archive",
+    ),
+    Case(
+        "data-npz-truncated",
+        lambda tmp, saved: _data_bytes(tmp, "cut.npz", _data_npz_bytes()[:-40]),
+        "cut.npz is not an npz archive",
+    ),
+    Case(
+        "data-npz-empty-file",
+        lambda tmp, saved: _data_bytes(tmp, "empty.npz", b""),
+        "empty.npz is not an npz archive",
+    ),
+    Case(
+        "data-npz-is-an-npy-array",
+        lambda tmp, saved: _data_bytes(tmp, "arr.npz", b"\x93NUMPY" + bytes(120)),
+        "arr.npz holds a single .npy array",
+    ),
+    Case(
+        "data-npz-negative-pixels",
+        lambda tmp, saved: _data_npz(tmp, "neg.npz", x=_data_xy()["x"] / 127.5 - 1.0),
+        "x has pixel values from -1 to 1",
+    ),
+    Case(
+        "data-npz-pixels-above-255",
+        lambda tmp, saved: _data_npz(tmp, "u16.npz", x=_data_xy()["x"].astype(np.uint16) * 257),
+        "x has pixel values from 0 to 65535",
+    ),
+    Case(
+        "data-npz-one-class",
+        lambda tmp, saved: _data_npz(tmp, "one.npz", y=np.full(12, 3)),
+        "at least 2 classes",
+    ),
+    Case("data-fashion-one-class", _plain(*_data_run("fashion[5-5]")), "select more, e.g. fashion[5-9]"),
+    Case("data-digits-one-class", _plain(*_data_run("digits[3]")), "select more, e.g. digits[3-9]"),
+    Case(
+        "data-folder-text-as-png",
+        lambda tmp, saved: _data_folder(tmp, "notes.png", lambda png: b"not an image"),
+        "notes.png is not a readable image",
+    ),
+    Case(
+        "data-folder-truncated-png",
+        lambda tmp, saved: _data_folder(tmp, "half.png", lambda png: png[: len(png) // 2]),
+        "remove or fix it",
+    ),
     # ---- sources, caches and weights -------------------------------------------------------------
     # ---- output folders and result files ---------------------------------------------------------
     # ---- methods and models ----------------------------------------------------------------------

@@ -364,10 +364,11 @@ def test_digits_subset_and_upsampling_matches_fit_shape() -> None:
 
 def test_digits_shots_boundary() -> None:
     # digit 0 has 178 images; floor(178/3) = 59 go to test, 119 remain, one must stay for validation
-    task = load_task("digits[0]", shots=118, seed=0)
-    assert len(task.train) == 118 and len(task.val) == 1
+    # (digit 1 has 182: 60 to test, 122 remain)
+    task = load_task("digits[0-1]", shots=118, seed=0)
+    assert len(task.train) == 236 and torch.bincount(task.val.y).tolist() == [1, 4]
     with pytest.raises(UserError, match="shots <= 118"):
-        load_task("digits[0]", shots=119, seed=0)
+        load_task("digits[0-1]", shots=119, seed=0)
 
 
 def test_digits_class_outside() -> None:
@@ -445,6 +446,34 @@ def test_folder_errors(tmp_path: Path) -> None:
         load_task(f"folder:{one}")
 
 
+def test_folder_unreadable_image_names_the_file(tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(buf, "PNG")
+    png = buf.getvalue()
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 50).save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    bad_files = {
+        "not_an_image.png": b"this is text, not a picture",
+        "empty.jpg": b"",
+        "truncated.png": png[: len(png) // 2],
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+    }
+    for i, (name, data) in enumerate(bad_files.items()):
+        root = tmp_path / f"set{i}"
+        _make_folder(root)
+        (root / "mango" / name).write_bytes(data)
+        with pytest.raises(UserError) as err:
+            load_task(f"folder:{root}", seed=0)
+        msg = str(err.value)
+        assert str(root / "mango" / name) in msg and "remove or fix it" in msg, msg
+        assert "\n" not in msg
+
+
 # -------------------------------------------------------------------------------------------------- npz
 
 
@@ -507,6 +536,157 @@ def test_npz_errors(tmp_path: Path) -> None:
     assert "'y'" in str(err.value) and "labels" in str(err.value)
     with pytest.raises(UserError, match="does not exist"):
         load_task(f"npz:{tmp_path / 'missing.npz'}")
+
+
+def _xy(n: int = 12, side: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` small uint8 images (values 0 to 255) and labels alternating 0/1."""
+    size = n * side * side
+    x = (np.arange(size) * 255 // (size - 1)).astype(np.uint8).reshape(n, side, side)
+    return x, np.arange(n) % 2
+
+
+def _npz_error(path: Path, **arrays: np.ndarray) -> str:
+    np.savez(path, **arrays)
+    with pytest.raises(UserError) as err:
+        load_task(f"npz:{path}", seed=0)
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("key", ["x", "x_test"])
+def test_npz_nan_or_inf_pixels_refused(tmp_path: Path, bad: float, key: str) -> None:
+    x, y = _xy()
+    arrays = {"x": x.astype(np.float32), "y": y, "x_test": x[:4].astype(np.float64), "y_test": y[:4]}
+    arrays[key][3, 1, 2] = bad  # 0-255 data: NaN used to switch off the 0-255 detection silently
+    msg = _npz_error(tmp_path / "bad.npz", **arrays)
+    assert f"{key} holds NaN or infinite values" in msg and "index 3" in msg
+
+
+def test_npz_length_mismatch_refused(tmp_path: Path) -> None:
+    x, y = _xy()
+    msg = _npz_error(tmp_path / "a.npz", x=x, y=y[:-1])
+    assert "x holds 12 images but y holds 11 labels" in msg
+    msg = _npz_error(tmp_path / "b.npz", x=x, y=y, x_test=x[:5], y_test=y[:4])
+    assert "x_test holds 5 images but y_test holds 4 labels" in msg
+
+
+@pytest.mark.parametrize(("have", "missing"), [("x_test", "y_test"), ("y_test", "x_test")])
+def test_npz_one_test_array_without_the_other_refused(tmp_path: Path, have: str, missing: str) -> None:
+    x, y = _xy()
+    msg = _npz_error(tmp_path / "t.npz", x=x, y=y, **{have: x[:4] if have == "x_test" else y[:4]})
+    assert f"has {have} but no {missing}" in msg
+
+
+@pytest.mark.parametrize(
+    ("labels", "fragment"),
+    [
+        (np.array([0, 1.5] * 6), "non-integer label 1.5"),
+        (np.array([0, np.nan] * 6), "non-integer label"),
+        (np.array(["cat", "dog"] * 6), "not integer class labels"),
+        (np.array([0, 1j] * 6), "not integer class labels"),
+        (np.zeros((12, 2)), "one-hot"),
+    ],
+)
+def test_npz_bad_labels_refused(tmp_path: Path, labels: np.ndarray, fragment: str) -> None:
+    x, _ = _xy()
+    assert fragment in _npz_error(tmp_path / "l.npz", x=x, y=labels)
+
+
+def test_npz_whole_float_and_bool_labels_accepted(tmp_path: Path) -> None:
+    x, y = _xy()
+    y_float = (y * 4 + 3).astype(np.float32)
+    np.savez(tmp_path / "f.npz", x=x, y=y_float, x_test=x[:2], y_test=np.array([7.0, 3.0]))
+    raw = sources.load_npz(str(tmp_path / "f.npz"))
+    assert raw.classes == ("3", "7")  # named as integers, not "3.0"
+    assert raw.y.tolist() == y.tolist() and raw.y_test.tolist() == [1, 0]
+    np.savez(tmp_path / "b.npz", x=x, y=y.astype(bool)[:, None])  # [N, 1] is read as [N]
+    raw = sources.load_npz(str(tmp_path / "b.npz"))
+    assert raw.classes == ("0", "1") and raw.y.tolist() == y.tolist()
+
+
+def test_npz_object_array_refused(tmp_path: Path) -> None:
+    x, y = _xy()
+    labels = np.array([0, "1", None] * 4, dtype=object)
+    msg = _npz_error(tmp_path / "o.npz", x=x, y=labels)
+    assert "'y' holds Python objects" in msg and "numpy.savez" in msg
+
+
+def test_npz_not_an_archive_refused(tmp_path: Path) -> None:
+    x, y = _xy()
+    np.savez(tmp_path / "good.npz", x=x, y=y)
+    good = (tmp_path / "good.npz").read_bytes()
+    np.save(tmp_path / "arr.npy", x)
+    files = {
+        "random.npz": bytes(range(256)) * 8,
+        "empty.npz": b"",
+        "truncated.npz": good[: len(good) // 2],
+        "cut_short.npz": good[:-30],
+        "plain.npz": (tmp_path / "arr.npy").read_bytes(),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError) as err:
+            load_task(f"npz:{tmp_path / name}", seed=0)
+        msg = str(err.value)
+        assert str(tmp_path / name) in msg and "numpy.savez" in msg, msg
+        assert (".npy array" if name == "plain.npz" else "not an npz archive") in msg
+
+
+def test_npz_damaged_member_refused(tmp_path: Path) -> None:
+    x, y = _xy(200, 8)
+    np.savez_compressed(tmp_path / "c.npz", x=x, y=y)
+    data = bytearray((tmp_path / "c.npz").read_bytes())
+    start = data.index(b"x.npy") + 80  # inside the compressed stream of x
+    data[start : start + 40] = bytes(40)
+    (tmp_path / "c.npz").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="damaged npz archive|cannot be read"):
+        load_task(f"npz:{tmp_path / 'c.npz'}", seed=0)
+
+
+@pytest.mark.parametrize(
+    ("scale", "fragment"),
+    [(-1.0, "pixel values from -0.5 to 0.5"), (60.0, "from 0 to 15300")],
+)
+def test_npz_pixels_outside_both_ranges_refused(tmp_path: Path, scale: float, fragment: str) -> None:
+    x, y = _xy()
+    x = x.astype(np.float32) / 255 - 0.5 if scale < 0 else x.astype(np.int32) * 60
+    msg = _npz_error(tmp_path / "r.npz", x=x, y=y)
+    assert fragment in msg and "[0, 1] or [0, 255]" in msg
+
+
+def test_npz_pixel_scales_accepted(tmp_path: Path) -> None:
+    x, y = _xy()
+    np.savez(tmp_path / "u8.npz", x=x, y=y)
+    np.savez(tmp_path / "unit.npz", x=x.astype(np.float64) / 255, y=y)
+    a = sources.load_npz(str(tmp_path / "u8.npz")).x
+    b = sources.load_npz(str(tmp_path / "unit.npz")).x
+    assert torch.allclose(a, b) and float(a.max()) == 1.0
+
+
+# ----------------------------------------------------------------------------------------- one class
+
+
+@pytest.mark.parametrize(("spec", "cure"), [("digits[3]", "digits[3-9]"), ("digits[9-9]", "digits[0-9]")])
+def test_one_class_selection_refused(spec: str, cure: str) -> None:
+    with pytest.raises(UserError) as err:
+        load_task(spec, shots=2, seed=0)
+    msg = str(err.value)
+    assert "at least 2 classes" in msg and f"e.g. {cure}" in msg
+
+
+@needs_fashion
+def test_one_class_fashion_refused() -> None:
+    with pytest.raises(UserError, match=r"at least 2 classes.*'Sandal'.*fashion\[5-9\]"):
+        load_task("fashion[5-5]", shots=2, seed=0)
+
+
+def test_one_class_npz_refused(tmp_path: Path) -> None:
+    x, _ = _xy()
+    np.savez(tmp_path / "one.npz", x=x, y=np.full(12, 4))
+    with pytest.raises(UserError, match="at least 2 classes.*only class '4'"):
+        load_task(f"npz:{tmp_path / 'one.npz'}", shots=2, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------- fit_shape

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import gzip
 import os
+import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -114,7 +117,12 @@ def load_digits() -> RawData:
 
 
 def load_folder(path: str) -> RawData:
-    """An ImageFolder layout: ``PATH/<class name>/<image files>``; classes sorted by name."""
+    """An ImageFolder layout: ``PATH/<class name>/<image files>``; classes sorted by name.
+
+    A file with an image suffix that PIL cannot decode in full (corrupt, truncated, not an image) is an
+    error naming the file, not skipped: a silently smaller class would change the task behind the
+    user's back.
+    """
     from PIL import Image
 
     root = Path(path).expanduser()
@@ -123,6 +131,8 @@ def load_folder(path: str) -> RawData:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(class_dirs) < 2:
         raise UserError(f"folder {root} needs at least two class sub-folders (PATH/<class>/<images>)")
+    # what PIL raises for a file it cannot decode (SyntaxError: e.g. a PNG with a broken checksum)
+    unreadable = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
     xs: list[np.ndarray] = []
     ys: list[int] = []
     shape: tuple[int, ...] | None = None
@@ -131,13 +141,20 @@ def load_folder(path: str) -> RawData:
         if not files:
             raise UserError(f"class folder {cdir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         for f in files:
-            with Image.open(f) as im:
-                im = im.convert("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
-                if shape is None:
-                    shape = (np.asarray(im).shape[0], np.asarray(im).shape[1])
-                if (im.height, im.width) != shape:
-                    im = im.resize((shape[1], shape[0]), Image.BILINEAR)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
+            try:
+                with Image.open(f) as im:
+                    im.load()  # decodes every byte: a truncated file fails here, not later
+                    im = im.convert("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+                    if shape is None:
+                        shape = (im.height, im.width)
+                    if (im.height, im.width) != shape:
+                        im = im.resize((shape[1], shape[0]), Image.BILINEAR)
+                    arr = np.asarray(im, dtype=np.float32) / 255.0
+            except unreadable as err:
+                raise UserError(
+                    f"{f} is not a readable image ({_first_line(err)}); remove or fix it "
+                    f"(every file with an image suffix in {root} must be an image)"
+                ) from None
             xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
             ys.append(label)
     channels = max(a.shape[0] for a in xs)
@@ -149,45 +166,157 @@ def load_folder(path: str) -> RawData:
     )
 
 
-def _npz_images(x: np.ndarray, path: Path) -> torch.Tensor:
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+_NPZ_KEYS = ("x", "y", "x_test", "y_test")
+_NPZ_CURE = "save plain numeric arrays with numpy.savez(PATH, x=images, y=labels)"
+
+
+def _read_npz(p: Path) -> dict[str, np.ndarray]:
+    """The arrays of ``_NPZ_KEYS`` that ``p`` holds; any unreadable file is a UserError naming it."""
+    with open(p, "rb") as fh:
+        head = fh.read(6)
+    if head == b"\x93NUMPY":
+        raise UserError(f"{p} holds a single .npy array, not an npz archive of named arrays; {_NPZ_CURE}")
+    if not zipfile.is_zipfile(p):
+        raise UserError(
+            f"{p} is not an npz archive (not a zip file: damaged, truncated or another format); {_NPZ_CURE}"
+        )
+    out: dict[str, np.ndarray] = {}
+    key = ""
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            if "x" not in f.files or "y" not in f.files:
+                raise UserError(
+                    f"{p} must hold arrays named 'x' and 'y' (it has {', '.join(f.files) or 'none'})"
+                )
+            for key in _NPZ_KEYS:
+                if key in f.files:
+                    out[key] = f[key]
+    except ValueError as err:
+        if isinstance(err, UserError):
+            raise
+        if "allow_pickle" in str(err):  # numpy's only sign of an object (pickled) array
+            raise UserError(
+                f"{p}: array {key!r} holds Python objects (a pickled object array), which are never "
+                f"loaded; {_NPZ_CURE}"
+            ) from None
+        raise UserError(f"{p}: array {key!r} cannot be read ({_first_line(err)}); {_NPZ_CURE}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise UserError(
+            f"{p} is a damaged npz archive (array {key!r}: {_first_line(err)}); {_NPZ_CURE}"
+        ) from None
+    return out
+
+
+def _npz_images(x: np.ndarray, name: str, path: Path) -> torch.Tensor:
+    """Images ``x`` of an npz file as float32 ``[N, C, H, W]`` in [0, 1].
+
+    Values must be finite and lie in [0, 1] (intensities, kept) or [0, 255] (8-bit pixels, divided by
+    255; chosen when the largest value exceeds 1). NaN/inf, negative values (e.g. mean/std-normalised
+    data) and values above 255 (e.g. 16-bit images) are errors: no scale can be guessed for them.
+    """
+    if x.dtype.kind not in "biuf":
+        raise UserError(f"{path}: {name} holds {x.dtype} values; {_NPZ_CURE} (pixel values as numbers)")
+    if len(x) == 0:
+        raise UserError(f"{path}: {name} holds no images; {_NPZ_CURE}")
+    if x.dtype.kind == "f":
+        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if bad.any():
+            raise UserError(
+                f"{path}: {name} holds NaN or infinite values ({int(bad.sum())} of {len(x)} images, first at "
+                f"index {int(np.argmax(bad))}); replace those values or drop those images"
+            )
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 2:  # flat vectors: square grey images if possible
         side = int(round(np.sqrt(x.shape[1])))
         if side * side != x.shape[1]:
-            raise UserError(f"{path}: x has shape {x.shape}; give images [N,H,W] or [N,C,H,W]")
+            raise UserError(f"{path}: {name} has shape {x.shape}; give images [N,H,W] or [N,C,H,W]")
         x = x.reshape(-1, 1, side, side)
     elif x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
     elif x.ndim != 4:
-        raise UserError(f"{path}: x has shape {x.shape}; give images [N,H,W] or [N,C,H,W]")
-    if x.max(initial=0.0) > 1.0:
+        raise UserError(f"{path}: {name} has shape {x.shape}; give images [N,H,W] or [N,C,H,W]")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 255.0:
+        raise UserError(
+            f"{path}: {name} has pixel values from {lo:g} to {hi:g}; give pixels in [0, 1] or [0, 255] "
+            "(undo any mean/std normalisation, rescale 16-bit images)"
+        )
+    if hi > 1.0:
         x = x / 255.0
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
+def _npz_labels(y: np.ndarray, name: str, path: Path) -> np.ndarray:
+    """Labels ``y`` of an npz file as int64 ``[N]``.
+
+    Integers of any width; floats only when every value is a whole number (``3.0`` is class ``3``, as
+    arrays round-tripped through float tools often are); booleans as classes 0 and 1. Fractional or
+    non-finite floats, strings and other types are errors. Shape ``[N, 1]`` is read as ``[N]``.
+    """
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise UserError(
+            f"{path}: {name} has shape {y.shape}; give one integer class label per image, shape [N] "
+            "(for one-hot labels save y.argmax(1))"
+        )
+    if y.dtype.kind in "biu":
+        return y.astype(np.int64)
+    if y.dtype.kind == "f":
+        fractional = ~np.isfinite(y) | (y != np.round(y))
+        if fractional.any():
+            i = int(np.argmax(fractional))
+            raise UserError(
+                f"{path}: {name} holds non-integer label {y[i].item()!r} (index {i}, "
+                f"{int(fractional.sum())} such labels); give integer class labels 0..K-1"
+            )
+        return y.astype(np.int64)
+    raise UserError(
+        f"{path}: {name} holds {y.dtype} values, not integer class labels; map the classes to integers "
+        "0..K-1 and save those"
+    )
+
+
 def load_npz(path: str) -> RawData:
-    """Arrays ``x`` (images) and ``y`` (integer labels); optional ``x_test``, ``y_test``."""
+    """Arrays ``x`` (images) and ``y`` (integer labels); optional ``x_test`` and ``y_test`` (both or none).
+
+    Class names are the distinct label values, sorted. See :func:`_npz_images` and :func:`_npz_labels`
+    for what values are accepted; a file that is not an npz archive, holds pickled object arrays, or
+    whose images and labels do not pair up one to one is an error naming the file.
+    """
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"npz file {p} does not exist; give npz:PATH to a file with arrays x and y")
-    with np.load(p, allow_pickle=False) as f:
-        if "x" not in f or "y" not in f:
-            raise UserError(f"{p} must hold arrays named 'x' and 'y' (it has {', '.join(f.files)})")
-        raw = {k: f[k] for k in f.files}
-    labels = np.unique(np.concatenate([raw["y"], raw.get("y_test", raw["y"])]))
+    raw = _read_npz(p)
+    if ("x_test" in raw) != ("y_test" in raw):
+        have, missing = ("x_test", "y_test") if "x_test" in raw else ("y_test", "x_test")
+        raise UserError(f"{p} has {have} but no {missing}; save both test arrays or neither")
+    ys = {k: _npz_labels(raw[k], k, p) for k in ("y", "y_test") if k in raw}
+    for xk, yk in (("x", "y"), ("x_test", "y_test")):
+        if yk in ys and (raw[xk].ndim == 0 or len(raw[xk]) != len(ys[yk])):
+            n_x = len(raw[xk]) if raw[xk].ndim else "no"
+            raise UserError(
+                f"{p}: {xk} holds {n_x} images but {yk} holds {len(ys[yk])} labels; give one label per image"
+            )
+    labels = np.unique(np.concatenate(list(ys.values())))
 
     def index(y: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.searchsorted(labels, y).astype(np.int64))
 
-    has_test = "x_test" in raw and "y_test" in raw
+    has_test = "y_test" in ys
     return RawData(
-        x=_npz_images(raw["x"], p),
-        y=index(raw["y"]),
-        classes=tuple(str(v) for v in labels),
-        x_test=_npz_images(raw["x_test"], p) if has_test else None,
-        y_test=index(raw["y_test"]) if has_test else None,
+        x=_npz_images(raw["x"], "x", p),
+        y=index(ys["y"]),
+        classes=tuple(str(v) for v in labels.tolist()),
+        x_test=_npz_images(raw["x_test"], "x_test", p) if has_test else None,
+        y_test=index(ys["y_test"]) if has_test else None,
     )
 
 

@@ -107,6 +107,15 @@ def _fixed_test_indices(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.cat([p[: max(1, math.floor(len(p) * _TEST_FRACTION))] for p in parts])
 
 
+def _one_class_message(parsed: TaskSpec, spec: str, name: str, n_all: int) -> str:
+    head = f"a classification task needs at least 2 classes; {spec!r} has only class {name!r}"
+    if parsed.classes is None:  # a user file: the data itself holds one class
+        return f"{head}; give images of at least 2 classes"
+    c = parsed.classes[0]
+    more = f"{c}-{n_all - 1}" if c < n_all - 1 else f"0-{c}"
+    return f"{head}; select more, e.g. {parsed.dataset}[{more}]"
+
+
 def load_task(
     spec: str,
     shots: int | None = None,
@@ -135,6 +144,8 @@ def load_task(
 
     The validation split is carved out of the training split; the test split is the dataset's official
     one (Fashion) or a fixed third of each class (digits, folders, npz without ``x_test``).
+    A task needs at least 2 classes: a one-class selection (``digits[3]``) or file is a UserError, as
+    training on it would report a meaningless 100 %.
     """
     parsed = parse_spec(spec)
     if shots is not None and shots < 1:
@@ -151,6 +162,8 @@ def load_task(
         raise UserError(
             f"class {bad[0]} in {spec!r} is outside {parsed.dataset}, which has classes 0-{n_all - 1}"
         )
+    if len(chosen) < 2:
+        raise UserError(_one_class_message(parsed, spec, raw.classes[chosen[0]], n_all))
 
     remap = torch.full((n_all,), -1, dtype=torch.int64)
     remap[list(chosen)] = torch.arange(len(chosen))
