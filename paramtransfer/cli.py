@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,21 +27,47 @@ Methods take options in brackets too: finetune[freeze=2], finetune[freeze=all] (
 finetune[last_k=2], finetune[stochastic=true], l2sp[alpha=0.1,beta=0.01]. In compare, options
 prefixed arch. run that variant on another architecture pretrained on the same source task, e.g.
 finetune[arch.depth=38] (a ResNet-38 next to ResNet-20 methods).
+
+Task specs (--target; --source when it is not a saved model folder):
+  fashion           Fashion-MNIST, all 10 classes (Debian's dataset-fashion-mnist, or $PARAMTRANSFER_DATA)
+  fashion[0-4]      a range of its classes; fashion[0,3,7] a list of classes
+  digits            scikit-learn's 8x8 handwritten digits, 10 classes; digits[5-9] a range of them
+  folder:PATH       an image folder with one sub-folder per class (the sub-folder names are the classes)
+  npz:PATH          a .npz file with arrays x (images: [N,H,W], [N,C,H,W] or [N,H,W,C]) and y (integer
+                    labels), optionally x_test and y_test (else a fixed third of each class is the test set)
+Environment:
+  $PARAMTRANSFER_HOME   cache of pretrained sources (default ~/.cache/paramtransfer)
+  $PARAMTRANSFER_DATA   a folder holding the Fashion-MNIST files *-idx?-ubyte.gz
+                        (default /usr/share/datasets/fashion-mnist)
+"""
+
+COMPARE_OUT = """\
+Output folder: --out holds one comparison. Running the same comparison again, or with more methods,
+learning rates or seeds, reuses its finished runs; a comparison with other settings (target, shots,
+source, architecture, epochs, --set train./data. values) is refused rather than mixed with the runs
+already there: use another --out, or delete the folder. A damaged OUT/runs/**/result.json is an error
+that names the file (delete it and re-run the command: that run alone is run again).
 """
 
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r} (none)")
+    return values
 
 
 def _ints(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r} (none)")
+    return values
 
 
 def _positive_int(text: str) -> int:
@@ -55,11 +82,13 @@ def _positive_int(text: str) -> int:
 
 def parse_sets(sets: Sequence[str], method_names: Sequence[str]) -> tuple[dict, dict, dict[str, dict]]:
     """Split ``--set`` items into training, data and per-method options (see ``EPILOG``)."""
+    from paramtransfer.experiments.compare import DATA_FIELDS, check_data_options
     from paramtransfer.methods.base import METHODS, parse_value
     from paramtransfer.train.trainer import TrainConfig
 
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    data_fields = {"val_shots", "test_limit"}
+    data_fields = set(DATA_FIELDS)
+    in_run = list(dict.fromkeys(method_names))
     train: dict[str, Any] = {}
     data: dict[str, Any] = {}
     per_method: dict[str, dict[str, Any]] = {}
@@ -81,9 +110,24 @@ def parse_sets(sets: Sequence[str], method_names: Sequence[str]) -> tuple[dict, 
                 raise UserError(
                     f"--set {key}: data has no field {name!r}; fields: {', '.join(sorted(data_fields))}"
                 )
+            check_data_options({name: value}, where="--set data")
             data[name] = value
         elif scope:
-            METHODS.get(scope)  # unknown method -> error listing the known ones
+            cls = METHODS.get(scope)  # unknown method -> error listing the known ones
+            if scope not in in_run:
+                # METHOD.FIELD names one method exactly: l2sp.alpha is not dtnh:l2sp's alpha
+                twins = [m for m in in_run if m.endswith(":" + scope)]
+                other = f" (for {twins[0]} write --set {twins[0]}.{name}=...)" if twins else ""
+                raise UserError(
+                    f"--set {key}: {scope} is not among the methods of this run ({', '.join(in_run)})"
+                    f"{other}; drop the --set or add the method"
+                )
+            options = [f.name for f in dataclasses.fields(cls.Config)]
+            if name not in options:
+                raise UserError(
+                    f"--set {key}: method {scope!r} has no option {name!r}; its options: "
+                    f"{', '.join(options) or 'none'}"
+                )
             per_method.setdefault(scope, {})[name] = value
         elif name in train_fields:
             train[name] = value
@@ -100,6 +144,28 @@ def parse_sets(sets: Sequence[str], method_names: Sequence[str]) -> tuple[dict, 
             for m in owners:
                 per_method.setdefault(m, {})[name] = value
     return train, data, per_method
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (a bad flag value, an unknown flag) as one line, like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+def _explicit_flags(argv: Sequence[str] | None) -> set[str]:
+    """The destinations of the flags given on the command line (parsed again with no defaults at all), so
+    that a flag given with its default value still counts as given."""
+    parser = build_parser()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        p._defaults.clear()  # set_defaults(...)
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+    return set(vars(parser.parse_args(argv)))
 
 
 def _common(p: argparse.ArgumentParser, *, out: str) -> None:
@@ -162,7 +228,7 @@ def _target_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="paramtransfer",
         description="Parameter-based deep transfer learning: transfer a source network to a small "
         "target task and compare strategies with the baselines.",
@@ -192,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=f"{help_text[0].upper()}{help_text[1:]}. Writes OUT/results.json (every run, and the "
             "learning rate selected per method), OUT/table.md and PNG plots, and prints the table. "
             "Finished runs are reused when the command is repeated.",
-            epilog=EPILOG,
+            epilog=EPILOG + "\n" + COMPARE_OUT,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _source_args(p)
@@ -218,13 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _executor_args(p, "runs")
         _common(p, out=out)
-        p.set_defaults(_parser=p)
 
     p = sub.add_parser(
         "run",
         help="one method, one learning rate, one seed -> OUT/result.json",
         description="Transfer the source to the target with one method and write OUT/result.json; "
-        "a run killed part-way resumes from its checkpoint when started again with the same --out.",
+        "a run killed part-way resumes from its checkpoint when started again with the same --out, and a "
+        "finished one is reused. An --out holding the finished result of another run (another method, "
+        "target, seed, lr, shots, epochs or --set values) is refused, never overwritten: use another "
+        "--out or delete it.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -244,9 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="rebuild a comparison's table and plots, or a benchmark report, from results alone",
         description="Rebuild from results alone, never running anything. A compare/demo output "
         "(DIR/results.json or DIR/runs/**/result.json): table.md, ft_layers.png, learning_curves.png, and "
-        "print the table. A `paramtransfer bench` output (DIR/SUITE/NAME/results.json) or the benchmarks "
-        "folder itself (DIR/SUITE/results/NAME/results.json and DIR/SUITE/paper.yaml): report.md, every "
-        "setting next to the paper's numbers and claims, and figures/claims_SUITE.png; e.g. "
+        "print the table. The table holds the runs listed in DIR/results.json; without it (or when it is "
+        "damaged: a warning says so) it is rebuilt from DIR/runs/**/result.json, which must all be runs "
+        "of one comparison: runs of different settings (a stale comparison in the same folder) are an "
+        "error, never mixed into one table. A `paramtransfer bench` output (DIR/SUITE/NAME/results.json) "
+        "or the benchmarks folder itself (DIR/SUITE/results/NAME/results.json and DIR/SUITE/paper.yaml): "
+        "report.md, every setting next to the paper's numbers and claims, and figures/claims_SUITE.png; e.g. "
         "`paramtransfer report benchmarks`.",
     )
     p.add_argument("dir", help="a compare/demo output, a bench output, or the benchmarks folder")
@@ -474,6 +545,77 @@ def _add_modelset_parser(sub: Any) -> None:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _check_out(path: str | os.PathLike | None, flag: str = "--out") -> None:
+    """Refuse, before anything loads or trains, an output folder that cannot be one: a regular file, a
+    path under a regular file, or a folder this user cannot write to."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    try:
+        if p.exists() and not p.is_dir():
+            raise UserError(f"{flag} {path} is a file, not a folder; give a folder as {flag}")
+        q = p
+        while not q.exists() and q.parent != q:  # the nearest existing folder is where it would be made
+            q = q.parent
+    except OSError as err:
+        raise UserError(f"{flag} {path} cannot be used ({err.strerror}); give another {flag}") from None
+    if not q.is_dir():
+        raise UserError(f"{flag} {path} cannot be made: {q} is a file, not a folder; give another {flag}")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{flag} {path}: the folder {q} is not writable; give another {flag} or fix its permissions"
+        )
+
+
+def _check_run_out(args: argparse.Namespace, train: dict, data: dict, method_options: dict) -> None:
+    """Refuse an ``--out`` holding the finished result of another run (it would be overwritten). The same
+    run finds its result (reused) or its checkpoint (resumed), as before."""
+    from paramtransfer.experiments.compare import canonical, normal_spec, read_result
+    from paramtransfer.experiments.run import RESULT
+    from paramtransfer.methods.base import make_config, make_method
+    from paramtransfer.train.trainer import TrainConfig
+
+    path = Path(args.out) / RESULT
+    if not path.is_file():
+        return
+    old = read_result(path)  # a damaged file: one line naming it and the cure
+    m = make_method(args.method, **method_options)
+    here: dict[str, Any] = {
+        "method": m.variant(),
+        "target": normal_spec(args.target),
+        "seed": args.seed,
+        "lr": args.lr if m.trains else None,
+        "epochs": args.epochs if m.trains else None,
+        "shots": args.shots or None,
+    }
+    there: dict[str, Any] = {
+        "method": old.method,
+        "target": old.target,
+        "seed": old.seed,
+        **{k: old.config.get(k) for k in ("lr", "epochs", "shots")},
+    }
+    if old.arch not in ("custom", "wrapped", "none"):
+        here["arch"], there["arch"] = args.arch, old.arch
+    sub = {"method": dataclasses.asdict(m.config), "data": {"val_shots": None, "test_limit": None, **data}}
+    if m.trains:
+        cfg = make_config(TrainConfig, {"epochs": args.epochs, "lr": args.lr, **train}, "training")
+        sub["train"] = dataclasses.asdict(cfg)
+    for group, values in sub.items():
+        found = old.config.get(group)
+        if isinstance(found, dict):
+            for k, v in values.items():
+                if k in found:
+                    here[f"{group}.{k}"], there[f"{group}.{k}"] = v, found[k]
+    here, there = canonical(here), canonical(there)
+    diffs = [k for k in here if here[k] != there.get(k)]
+    if diffs:
+        k = diffs[0]
+        raise UserError(
+            f"--out {args.out} holds the finished result of another run ({old.method} on {old.target}, seed "
+            f"{old.seed}; {k} {there.get(k)} there, {here[k]} here); use another --out or delete {args.out}"
+        )
+
+
 def _effective_arch(source: str, arch: str | None) -> str:
     """``--arch`` if given, else the architecture of a saved source, else lenet."""
     from paramtransfer.models.store import saved_arch
@@ -501,6 +643,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     from paramtransfer.models.store import pretrain, save_model
 
     args.arch = args.arch or "lenet"
+    _check_out(args.out)
     model = pretrain(
         args.arch,
         args.source,
@@ -525,9 +668,11 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from paramtransfer.experiments.run import train_model
     from paramtransfer.methods.base import parse_method_spec
 
+    _check_out(args.out)
     args.arch = _effective_arch(args.source, args.arch)
     name = parse_method_spec(args.method)[0]
     train, data, per_method = parse_sets(args.set, [name])
+    _check_run_out(args, train, data, per_method.get(name, {}))
     source = _resolve_source(args, [args.method])
     result, _ = train_model(
         args.method,
@@ -558,7 +703,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from paramtransfer.experiments.compare import CompareConfig, compare, load_compare_config
+    from paramtransfer.experiments.compare import CompareConfig, check_out_dir, compare, load_compare_config
     from paramtransfer.methods.base import parse_method_spec, split_method_list
     from paramtransfer.models.store import saved_arch
     from paramtransfer.report import comparison_table
@@ -577,15 +722,14 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     }
     if args.arch is None:
         del flags["arch"]
+    _check_out(args.out)
     if args.config:
-        parser: argparse.ArgumentParser = args._parser
-        dests = {"lrs": "lr", "methods": "methods", "shots": "shots"}
-        explicit = {
-            k: v
-            for k, v in flags.items()
-            if getattr(args, dests.get(k, k)) != parser.get_default(dests.get(k, k))
-            or (k == "seeds" and args.seed is not None)
-        }
+        # a flag on the command line always wins over the file, also when it repeats the flag's default
+        given: set[str] = getattr(args, "_explicit", set())
+        dests = {"lrs": "lr"}
+        explicit = {k: v for k, v in flags.items() if dests.get(k, k) in given}
+        if "seed" in given:
+            explicit["seeds"] = [args.seed]
         config = load_compare_config(args.config, **explicit)
     else:
         config = CompareConfig(**flags)
@@ -597,6 +741,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     config.data = {**config.data, **data}
     for name, opts in per_method.items():
         config.method_options[name] = {**config.method_options.get(name, {}), **opts}
+    check_out_dir(config, args.out)
     summary = compare(config, args.out, progress=not args.quiet, executor=_open_executor(args))
     print(comparison_table(summary))
     print(f"wrote {args.out}/results.json, table.md and plots")
@@ -607,6 +752,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
     from paramtransfer.report.bench import detect_layout, write_bench_report
 
     d = Path(args.dir)
+    _check_out(args.out if args.out is not None else (d if d.is_dir() else None))
     layout = None
     if not ((d / "results.json").is_file() or (d / "runs").is_dir()):
         layout = detect_layout(d, args.suites)
@@ -631,6 +777,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         raise UserError(
             "name a benchmark: a suite (e.g. ptu), SUITE/SETTING, all or speed; --list shows them"
         )
+    _check_out(args.out)
     executor = None if args.name == SPEED else _open_executor(args)
     report = run_bench(
         args.name,
@@ -653,6 +800,7 @@ def _cmd_modelset(args: argparse.Namespace) -> None:
     )
 
     if args.modelset_command == "build":
+        _check_out(args.out)
         arch_kwargs, train_options = parse_build_sets(args.set)
         entries = build_modelset(
             args.dataset,
@@ -678,6 +826,7 @@ def _cmd_modelset(args: argparse.Namespace) -> None:
         )
         print(f"wrote {Path(args.out) / 'index.json'}")
         return
+    _check_out(args.out if args.out is not None else (args.dir if Path(args.dir).is_dir() else None))
     report = evaluate_modelset(
         args.dir,
         out=args.out,
@@ -701,6 +850,7 @@ def _cmd_rank(args: argparse.Namespace) -> None:
     from paramtransfer.selection.modelset import EvalConfig
     from paramtransfer.selection.rank import RankConfig, format_rank, rank_sources
 
+    _check_out(args.out)
     config = RankConfig(
         shots=args.shots,
         seed=args.seed,
@@ -721,7 +871,39 @@ def _cmd_rank(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command; bad input is one ``paramtransfer: error: ...`` line on stderr and exit code 2.
+
+    A closed stdout (``paramtransfer compare ... | head -1``: the reader went away) is one error line and
+    exit code 2 as well (the table of bad inputs expects 2), never a BrokenPipeError traceback.
+    """
+    try:
+        try:
+            code = _dispatch(argv)
+        except SystemExit:  # --help: argparse prints, then exits 0
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # inside the try: a closed stdout shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _drop_stdout()
+        print(
+            "paramtransfer: error: the output pipe was closed before the output was written (e.g. by "
+            "`| head`); read the written files under --out, or send stdout to a file",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. captured in tests)
+        pass
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     handlers = {
         "pretrain": _cmd_pretrain,
         "run": _cmd_run,
@@ -733,6 +915,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rank": _cmd_rank,
     }
     try:
+        args = build_parser().parse_args(argv)
+        args._explicit = _explicit_flags(argv)
         import paramtransfer  # noqa: F401  (registers methods)
 
         handlers[args.command](args)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 from paramtransfer.cli import main
+from paramtransfer.experiments.executors import child_pythonpath
 from paramtransfer.models.store import save_model
 
 CLI = [sys.executable, "-m", "paramtransfer.cli"]
@@ -91,6 +93,87 @@ def _data_folder(tmp: Path, bad_name: str, bad: Callable[[bytes], bytes]) -> lis
     return _data_run(f"folder:{tmp / 'imgs'}")
 
 
+def _cli_result(method: str = "l2sp", target: str = "fashion[5-9]", epochs: int = 1, **config) -> dict:
+    """A finished run's result.json content (as ``run`` writes it), for output folders that hold one."""
+    cfg = {"lr": 0.01, "epochs": epochs, "shots": 2, "method": {}, "arch_kwargs": {}, **config}
+    cfg.setdefault("train", {"epochs": epochs, "lr": 0.01, "batch_size": 32})
+    cfg.setdefault("data", {"val_shots": None, "limit": None, "test_limit": None})
+    return {
+        "method": method,
+        "source": None,
+        "target": target,
+        "arch": "lenet",
+        "seed": 0,
+        "config": cfg,
+        "val_accuracy": 0.5,
+        "test_accuracy": 0.5,
+        "history": [{"epoch": 1, "train_loss": 1.0, "val_accuracy": 0.5}],
+        "wall_time_s": 1.0,
+        "diagnostics": {},
+        "status": "ok",
+        "best_epoch": 1,
+        "fingerprint": "0123456789abcdef",
+    }
+
+
+def _cli_write(path: Path, content: dict | list | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def _cli_out_with(content: dict | list | str, *argv: str) -> Callable[[Path, Path], list[str]]:
+    """argv whose (default) --out tmp/out already holds ``content`` as result.json."""
+
+    def build(tmp: Path, saved: Path) -> list[str]:
+        _cli_write(tmp / "out" / "result.json", content)
+        return list(argv)
+
+    return build
+
+
+_CLI_RUN_FILE = "runs/scratch/lr=0.01/seed=0/result.json"
+
+
+def _cli_compare_with(content: dict | list | str, *argv: str) -> Callable[[Path, Path], list[str]]:
+    """compare argv whose --out tmp/out already holds ``content`` as one run's result.json."""
+
+    def build(tmp: Path, saved: Path) -> list[str]:
+        _cli_write(tmp / "out" / _CLI_RUN_FILE, content)
+        return ["compare", "--methods", "scratch", "--lr", "0.01", "--seeds", "0", *argv, "--quiet"]
+
+    return build
+
+
+def _cli_file_out(command: Callable[[Path, Path], list[str]], under: bool = False):
+    """``command``'s argv with --out a regular file (or, ``under``, a folder below a regular file: not
+    writable, also for root)."""
+
+    def build(tmp: Path, saved: Path) -> list[str]:
+        _cli_write(tmp / "file", "not a folder")
+        return [*command(tmp, saved), "--out", str(tmp / "file" / "sub" if under else tmp / "file")]
+
+    return build
+
+
+def _cli_report_dir(results: dict | list | str | None, runs: list) -> Callable[[Path, Path], list[str]]:
+    """``report tmp/cmp --out tmp/rebuilt`` with the given results.json (None: none) and run files."""
+
+    def build(tmp: Path, saved: Path) -> list[str]:
+        if results is not None:
+            _cli_write(tmp / "cmp" / "results.json", results)
+        for i, run in enumerate(runs):
+            method = run["method"] if isinstance(run, dict) else "broken"
+            _cli_write(tmp / "cmp" / "runs" / method / "lr=0.01" / f"seed={i}" / "result.json", run)
+        return ["report", str(tmp / "cmp"), "--out", str(tmp / "rebuilt")]
+
+    return build
+
+
+def _cli_report_valid(tmp: Path, saved: Path) -> list[str]:
+    return _cli_report_dir(None, [_cli_result("scratch"), _cli_result("finetune")])(tmp, saved)
+
+
 CASES: list[Case] = [
     # ---- flags and specs -----------------------------------------------------------------------
     Case("unknown-method", _plain("run", "--method", "nosuch_method"), "nosuch_method"),
@@ -143,6 +226,53 @@ CASES: list[Case] = [
         "resnet20",
     ),
     Case("invalid-momentum", _plain(*RUN, "--method", "scratch", "--set", "train.momentum=-1"), "momentum"),
+    Case(
+        "set-test-limit-negative",
+        _plain(*RUN, "--method", "scratch", "--set", "data.test_limit=-5"),
+        "test_limit",
+    ),
+    Case(
+        "set-test-limit-zero", _plain(*RUN, "--method", "scratch", "--set", "data.test_limit=0"), "test_limit"
+    ),
+    Case(
+        "set-test-limit-fraction", _plain(*RUN, "--method", "scratch", "--set", "data.test_limit=2.5"), "2.5"
+    ),
+    Case(
+        "set-test-limit-text",
+        _plain(*RUN, "--method", "scratch", "--set", "data.test_limit=all"),
+        "test_limit",
+    ),
+    Case(
+        "set-val-shots-zero",
+        _plain("compare", "--methods", "scratch", "--set", "data.val_shots=0"),
+        "val_shots",
+    ),
+    Case("compare-duplicate-seeds", _plain("compare", "--methods", "scratch", "--seeds", "0,0"), "seed 0"),
+    Case("demo-duplicate-seeds", _plain("demo", "--seeds", "1,2,1"), "seed 1"),
+    Case("compare-empty-seeds", _plain("compare", "--methods", "scratch", "--seeds", ","), "--seeds"),
+    Case("compare-empty-lrs", _plain("compare", "--methods", "scratch", "--lr", ","), "--lr"),
+    Case("compare-duplicate-lrs", _plain("compare", "--methods", "scratch", "--lr", "0.1,0.01,0.1"), "0.1"),
+    Case("compare-nan-lr", _plain("compare", "--methods", "scratch", "--lr", "nan"), "learning rate"),
+    Case(
+        "set-option-of-method-not-in-run",
+        _plain("compare", "--methods", "scratch,finetune", "--set", "l2sp.alpha=1"),
+        "l2sp is not among the methods of this run (scratch, finetune)",
+    ),
+    Case(
+        "set-option-of-base-for-dtnh-twin",
+        _plain("compare", "--methods", "dtnh:l2sp", "--set", "l2sp.alpha=1"),
+        "dtnh:l2sp.alpha",
+    ),
+    Case(
+        "run-set-option-of-another-method",
+        _plain(*RUN, "--method", "scratch", "--set", "l2sp.alpha=1"),
+        "l2sp",
+    ),
+    Case(
+        "set-unknown-option-of-method", _plain(*RUN, "--method", "l2sp", "--set", "l2sp.nosuch=1"), "nosuch"
+    ),
+    Case("bad-flag-value-is-one-line", _plain("run", "--method", "scratch", "--epochs", "0"), "--epochs"),
+    Case("unknown-flag-is-one-line", _plain("compare", "--no-such-flag"), "--no-such-flag"),
     # ---- data files (npz, folders) ---------------------------------------------------------------
     Case(
         "data-npz-nan-pixels",
@@ -242,6 +372,64 @@ CASES: list[Case] = [
     ),
     # ---- sources, caches and weights -------------------------------------------------------------
     # ---- output folders and result files ---------------------------------------------------------
+    Case(
+        "run-out-holds-another-method",
+        _cli_out_with(_cli_result("l2sp"), *RUN, "--method", "scratch"),
+        "l2sp",
+    ),
+    Case(
+        "run-out-holds-other-settings",
+        _cli_out_with(_cli_result("scratch", epochs=5), *RUN, "--method", "scratch"),
+        "epochs 5 there, 1 here",
+    ),
+    Case(
+        "run-out-corrupt-result", _cli_out_with('{"method": "scr', *RUN, "--method", "scratch"), "delete it"
+    ),
+    Case("run-out-result-wrong-shape", _cli_out_with([1, 2], *RUN, "--method", "scratch"), "result.json"),
+    Case("run-out-is-a-file", _cli_file_out(_plain(*RUN, "--method", "scratch")), "is a file"),
+    Case("run-out-under-a-file", _cli_file_out(_plain(*RUN, "--method", "scratch"), under=True), "is a file"),
+    Case("compare-out-is-a-file", _cli_file_out(_plain("compare", "--methods", "scratch")), "is a file"),
+    Case("demo-out-under-a-file", _cli_file_out(_plain("demo"), under=True), "is a file"),
+    Case("pretrain-out-is-a-file", _cli_file_out(_plain("pretrain", "--source-limit", "20")), "is a file"),
+    Case(
+        "rank-out-is-a-file",
+        _cli_file_out(lambda tmp, saved: ["rank", "--target", "digits", "--sources", str(saved)]),
+        "is a file",
+    ),
+    Case(
+        "modelset-out-under-a-file",
+        _cli_file_out(_plain("modelset", "build", "--dataset", "digits"), under=True),
+        "is a file",
+    ),
+    Case("bench-out-is-a-file", _cli_file_out(_plain("bench", "ptu")), "is a file"),
+    Case("report-out-is-a-file", _cli_file_out(_cli_report_valid), "is a file"),
+    Case(
+        "compare-out-holds-another-comparison",
+        _cli_compare_with(_cli_result("scratch", target="digits"), "--target", "fashion[5-9]"),
+        "another comparison",
+    ),
+    Case(
+        "compare-out-corrupt-run-result",
+        _cli_compare_with('{"method": ', "--target", "digits"),
+        _CLI_RUN_FILE,
+    ),
+    Case("report-corrupt-results-json", _cli_report_dir('{"runs": [', []), "delete it and re-run"),
+    Case("report-results-json-wrong-shape", _cli_report_dir({"config": {}}, []), "results.json"),
+    Case(
+        "report-corrupt-run-file", _cli_report_dir(None, [_cli_result("scratch"), "truncated{"]), "delete it"
+    ),
+    Case(
+        "report-runs-of-different-settings",
+        _cli_report_dir(None, [_cli_result("scratch"), _cli_result("finetune", target="digits")]),
+        "different settings",
+    ),
+    Case(
+        "report-corrupt-results-json-rebuilt-from-runs",
+        _cli_report_dir("{not json", [_cli_result("scratch"), _cli_result("finetune")]),
+        "rebuilt from the 2 run files",
+        warning=True,
+    ),
+    Case("closed-stdout", _cli_report_valid, "pipe was closed", process=True, stdin_closed_stdout=True),
     # ---- methods and models ----------------------------------------------------------------------
     # ---- processes and executors -----------------------------------------------------------------
 ]
@@ -267,7 +455,8 @@ def _run_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def _run_in_subprocess(argv: list[str], tmp: Path, close_stdout: bool) -> tuple[int, str, str]:
-    env = {**os.environ, "PARAMTRANSFER_HOME": os.environ["PARAMTRANSFER_HOME"]}
+    # this checkout's paramtransfer, whatever the current folder or an installed copy
+    env = {**os.environ, "PYTHONPATH": child_pythonpath()}
     if close_stdout:
         proc = subprocess.Popen(
             [*CLI, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -284,7 +473,7 @@ def test_bad_input_one_line_exit_2_nothing_changed(case: Case, saved_lenet: Path
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     argv = case.argv(scratch, saved_lenet)
-    if "--out" not in argv and argv[0] in ("run", "compare", "pretrain"):
+    if "--out" not in argv and argv[0] in ("run", "compare", "demo", "pretrain"):
         argv = [*argv, "--out", str(scratch / "out")]
     before = _snapshot(scratch)
     if case.process:
@@ -303,7 +492,7 @@ def test_bad_input_one_line_exit_2_nothing_changed(case: Case, saved_lenet: Path
         assert len(lines) == 1, err
         assert lines[0].startswith("paramtransfer: error: "), err
         assert case.needle in lines[0], err
-        assert not (scratch / "out" / "result.json").exists()
+        assert "out/result.json" in before or not (scratch / "out" / "result.json").exists()
     after = _snapshot(scratch)
     assert {k: after.get(k) for k in before} == before, "a file that existed before the command changed"
 

@@ -279,3 +279,100 @@ def test_errors_in_a_real_process_exit_2_without_traceback(tmp_path):
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("paramtransfer: error: "), (argv, stderr)
         assert stdout == ""
+
+
+# ---- flags, --config, output folders ---------------------------------------------------------------
+
+
+def test_explicit_flags_count_also_when_they_repeat_the_default():
+    from paramtransfer.cli import _explicit_flags
+
+    given = _explicit_flags(["compare", "--shots", "20", "--lr", "0.1,0.01,0.001", "--out", "x"])
+    assert {"shots", "lr", "out"} <= given
+    assert not {"epochs", "seeds", "methods", "target"} & given
+
+
+def test_config_file_never_wins_over_an_explicit_flag(tmp_path, monkeypatch, capsys):
+    from paramtransfer.experiments import compare as compare_module
+
+    seen = []
+
+    def fake_compare(config, out, **kwargs):
+        seen.append(config)
+        return {"config": {}, "selected": {}, "runs": []}
+
+    monkeypatch.setattr(compare_module, "compare", fake_compare)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("shots: 5\nepochs: 3\nseeds: [4]\nlrs: [0.5]\ntarget: digits\nmethods: [scratch]\n")
+    argv = ["compare", "--config", str(cfg), "--shots", "20", "--epochs", "30", "--lr", "0.1,0.01,0.001"]
+    assert main([*argv, "--out", str(tmp_path / "out"), "--quiet"]) == 0, capsys.readouterr().err
+    (config,) = seen
+    assert (config.shots, config.epochs, config.lrs) == (20, 30, [0.1, 0.01, 0.001])  # the flags, = defaults
+    assert (config.seeds, config.target, config.methods) == ([4], "digits", ["scratch"])  # the file
+    assert main(["compare", "--config", str(cfg), "--seed", "0", "--out", str(tmp_path / "o2")]) == 0
+    assert seen[1].seeds == [0] and seen[1].shots == 5
+
+
+@pytest.mark.parametrize("command", ["run", "compare", "demo"])
+def test_help_lists_task_specs_and_environment(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    for needle in (
+        "fashion[0-4]",
+        "fashion[0,3,7]",
+        "digits[5-9]",
+        "folder:PATH",
+        "one sub-folder per class",
+        "npz:PATH",
+        "[N,H,W,C]",
+        "x_test",
+        "$PARAMTRANSFER_HOME",
+        "$PARAMTRANSFER_DATA",
+    ):
+        assert needle in text, needle
+    assert "use another" in text  # what an --out holding other results does
+
+
+def test_out_not_writable_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    import paramtransfer.cli as cli
+
+    real_access = os.access
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    # root writes anywhere, whatever chmod says: ask os.access as a user without write permission would
+    monkeypatch.setattr(
+        cli.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode)
+    )
+    code = main([*RUN, "--method", "scratch", "--quiet", "--out", str(locked / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "not writable" in err and str(locked) in err
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_folder_for_a_real_user(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main([*RUN, "--method", "scratch", "--out", str(locked / "run")]) == 2
+        assert "not writable" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_run_reuses_its_own_result_and_refuses_another_methods(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["run", "--target", "digits[0-2]", "--shots", "2", "--epochs", "1", "--quiet", "--out", str(out)]
+    assert main([*argv, "--method", "scratch"]) == 0
+    first = (out / "result.json").read_bytes()
+    assert main([*argv, "--method", "scratch"]) == 0  # the same command: reused, not run again
+    assert (out / "result.json").read_bytes() == first
+    capsys.readouterr()
+    assert main([*argv, "--method", "finetune[freeze=1]", "--arch", "lenet", "--source", "digits[3-5]"]) == 2
+    err = capsys.readouterr().err
+    assert "holds the finished result of another run (scratch" in err and "use another --out" in err
+    assert (out / "result.json").read_bytes() == first

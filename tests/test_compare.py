@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 
 import paramtransfer as pt
 from paramtransfer.errors import UserError
 from paramtransfer.experiments.compare import (
     CompareConfig,
+    check_out_dir,
     compare,
     plan_runs,
+    read_result,
     split_arch_options,
     variant_name,
 )
@@ -95,3 +101,77 @@ def test_arch_options_need_a_source_task_not_a_saved_model(tmp_path, tiny_source
 def test_unknown_arch_option_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(UserError, match="bad option for arch 'lenet'"):
         compare(_small(["scratch[arch.depth=38]"]), tmp_path, progress=False)
+
+
+# ---- settings that are bad input, and output folders of another comparison ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"seeds": [0, 1, 0]}, "seed 0 is given more than once"),
+        ({"seeds": []}, "at least one seed"),
+        ({"lrs": [0.1, 0.01, 0.1]}, "learning rate 0.1 is given more than once"),
+        ({"lrs": []}, "at least one learning rate"),
+        ({"lrs": [float("nan")]}, "positive numbers"),
+        ({"data": {"test_limit": -5}}, "test_limit=-5"),
+        ({"data": {"test_limit": 0}}, "test_limit=0"),
+        ({"data": {"val_shots": 2.5}}, "val_shots=2.5"),
+        ({"data": {"test_limt": 5}}, "test_limt"),
+    ],
+)
+def test_compare_config_rejects_bad_settings(kwargs: dict, needle: str) -> None:
+    with pytest.raises(UserError, match=re.escape(needle)):
+        CompareConfig(**kwargs)
+
+
+def _result(target: str = "fashion[5-9]", shots: int = 2, method: str = "scratch") -> dict:
+    return {
+        "method": method,
+        "source": None,
+        "target": target,
+        "arch": "lenet",
+        "seed": 0,
+        "config": {
+            "lr": 0.01,
+            "epochs": 1,
+            "shots": shots,
+            "train": {"epochs": 1, "lr": 0.01, "batch_size": 32},
+            "data": {"val_shots": 2, "limit": None, "test_limit": 20},
+        },
+        "val_accuracy": 0.5,
+        "test_accuracy": 0.5,
+    }
+
+
+def _put(root: Path, content: object, variant: str = "scratch") -> Path:
+    path = root / "runs" / variant / "lr=0.01" / "seed=0" / "result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def test_out_dir_of_another_comparison_or_with_a_damaged_run_is_refused(tmp_path: Path) -> None:
+    config = _small(["scratch", "finetune"])
+    _put(tmp_path / "same", _result())
+    check_out_dir(config, tmp_path / "same")  # the same settings: its runs are reused
+    check_out_dir(CompareConfig(**{**config.__dict__, "seeds": [0, 1, 2]}), tmp_path / "same")  # extended
+    _put(tmp_path / "other", _result(shots=5))
+    with pytest.raises(UserError, match=r"another comparison \(runs/scratch/.*shots 5 there, 2 here\)"):
+        check_out_dir(config, tmp_path / "other")
+    _put(tmp_path / "other_target", _result(target="digits"))
+    with pytest.raises(UserError, match="target digits there, fashion"):
+        check_out_dir(config, tmp_path / "other_target")
+    for i, broken in enumerate(['{"method": "scr', "[1, 2]", json.dumps({"method": "scratch"})]):
+        bad = _put(tmp_path / f"broken{i}", broken)
+        with pytest.raises(
+            UserError, match=re.escape(f"{bad} is not a") + ".*delete it and re-run the command"
+        ):
+            check_out_dir(config, tmp_path / f"broken{i}")
+
+
+def test_compare_runs_a_damaged_run_again_with_a_warning(tmp_path: Path, capsys) -> None:
+    path = _put(tmp_path, "[1, 2]")  # valid JSON of another shape: crashed the reuse check before
+    out = compare(_small(["scratch"]), tmp_path, progress=False)
+    assert "1 finished run(s)" in capsys.readouterr().err
+    assert read_result(path).method == "scratch" and out["runs"][0]["status"] == "ok"

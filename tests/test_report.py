@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,62 @@ def test_spottune_rows_pool_the_chosen_runs_and_draw_one_row_per_entry(summary: 
     assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     two = plot_spottune_rows([("target a", rows[0][1]), ("target b", rows[0][1])], tmp_path / "two.png")
     assert two.stat().st_size > path.stat().st_size  # two rows of panels
+
+
+def test_one_seed_shows_no_spread(summary: dict) -> None:
+    from paramtransfer.report.tables import pct
+
+    assert pct(0.85333, 0.0, 1) == "85.33"
+    assert pct(0.85333, 0.01, 3) == "85.33 ± 1.00" == pct(0.85333, 0.01)
+    for entry in summary["selected"].values():
+        if entry["status"] == "ok":
+            entry["n_seeds"] = 1
+    summary["config"]["seeds"] = [0]
+    table = comparison_table(summary)
+    assert "±" not in table.split("\n\n", 1)[1]
+    assert "| **best FT-l** = FT-1 | 0.01 | 85.00 | 80.00 |" in table
+    assert "one seed" in table
+
+
+def _run_file(root: Path, run: dict, name: str, content: str | None = None) -> Path:
+    path = root / "runs" / name / "result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    full = {
+        "source": None,
+        "target": "fashion[5-9]",
+        "arch": "lenet",
+        "val_accuracy": 0.5,
+        "test_accuracy": 0.6,
+    }
+    path.write_text(content if content is not None else json.dumps({**full, **run}))
+    return path
+
+
+def test_load_results_never_uses_a_damaged_results_json_or_mixes_settings(tmp_path: Path, capsys) -> None:
+    from paramtransfer.errors import UserError
+    from paramtransfer.report import load_results
+
+    d = tmp_path / "cmp"
+    (d).mkdir()
+    (d / "results.json").write_text('{"runs": [')  # truncated
+    with pytest.raises(UserError, match=r"results.json is not a readable results file.*delete it and re-run"):
+        load_results(d)
+    (d / "results.json").write_text('{"runs": [{"method": "x"}]}')  # another shape
+    with pytest.raises(
+        UserError, match=r"results.json is not a comparison's results file \(run 0: no 'target'"
+    ):
+        load_results(d)
+    _run_file(d, {**_run("scratch", 0.01, 0), "config": {"lr": 0.01, "shots": 20}}, "a")
+    _run_file(d, {**_run("finetune", 0.01, 0), "config": {"lr": 0.01, "shots": 20}}, "b")
+    summary = load_results(d)  # falls back to the run files, and says so
+    assert set(summary["selected"]) == {"scratch", "finetune"}
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rebuilt from the 2 run files" in err
+    _run_file(d, {**_run("knn", None, 0), "config": {"lr": None, "shots": 5}}, "c")  # a stale comparison
+    with pytest.raises(
+        UserError, match=r"mixes runs of different settings \(shots 20 in runs/a/result.json, 5"
+    ):
+        load_results(d)
+    bad = _run_file(d, {}, "c", content="{")
+    with pytest.raises(UserError, match=re.escape(str(bad))):
+        load_results(d)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import statistics
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from paramtransfer.errors import UserError
+from paramtransfer.errors import UserError, warn_user
 from paramtransfer.experiments.executors import Executor, make_executor
 from paramtransfer.experiments.run import RESULT, RunResult, train_model
 from paramtransfer.methods.base import METHODS, make_config, make_method, parse_method_spec, split_method_list
@@ -55,10 +56,52 @@ class CompareConfig:
             self.methods = split_method_list(self.methods)
         if not self.methods:
             raise UserError("no methods to compare; give --methods, e.g. scratch,finetune")
-        if not self.lrs or any(lr <= 0 for lr in self.lrs):
-            raise UserError("learning rates must be positive, e.g. --lr 0.1,0.01,0.001")
-        if not self.seeds:
+        if not isinstance(self.lrs, list) or not self.lrs:
+            raise UserError("give at least one learning rate, e.g. --lr 0.1,0.01,0.001")
+        if not all(_is_number(lr) and math.isfinite(lr) and lr > 0 for lr in self.lrs):
+            raise UserError(
+                f"learning rates must be positive numbers (got {self.lrs}), e.g. --lr 0.1,0.01,0.001"
+            )
+        _no_twice("learning rate", "--lr 0.1,0.01,0.001", [float(lr) for lr in self.lrs])
+        if not isinstance(self.seeds, list) or not self.seeds:
             raise UserError("give at least one seed, e.g. --seeds 0,1,2")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise UserError(f"seeds must be whole numbers (got {self.seeds}), e.g. --seeds 0,1,2")
+        _no_twice("seed", "--seeds 0,1,2", self.seeds)
+        if not isinstance(self.data, dict):
+            raise UserError(f"data must map val_shots/test_limit to numbers (got {self.data!r})")
+        check_data_options(self.data)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _no_twice(what: str, example: str, values: list) -> None:
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in twice)
+        raise UserError(
+            f"{what} {shown} is given more than once ({', '.join(f'{v:g}' for v in values)}); "
+            f"give each {what} once, e.g. {example}"
+        )
+
+
+DATA_FIELDS = {"val_shots": "validation examples per class", "test_limit": "test examples"}
+_EXAMPLE = {"val_shots": 10, "test_limit": 1000}
+
+
+def check_data_options(data: dict[str, Any], where: str = "data") -> None:
+    """``data.val_shots`` / ``data.test_limit``: a whole number >= 1 or None (the default); anything else
+    (0, negative, fractional, text) is a :class:`UserError` before any data is loaded."""
+    for key, value in data.items():
+        if key not in DATA_FIELDS:
+            raise UserError(f"{where}.{key}: data has no field {key!r}; fields: {', '.join(DATA_FIELDS)}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(
+                f"{where}.{key}={value!r}: give a whole number of {DATA_FIELDS[key]} of at least 1 "
+                f"(or null for the default), e.g. --set data.{key}={_EXAMPLE[key]}"
+            )
 
 
 def read_yaml_mapping(path: str | Path, holds: str) -> dict[str, Any]:
@@ -225,6 +268,132 @@ def select(runs: list[RunResult]) -> dict[str, dict[str, Any]]:
     return out
 
 
+_RESULT_KEYS = {"method": str, "target": str, "arch": str, "seed": int, "config": dict}
+
+
+def read_result(path: str | Path) -> RunResult:
+    """A run's ``result.json``; a file that is not one (invalid or truncated JSON, another shape, missing
+    keys) is a :class:`UserError` naming the file and the cure."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as err:  # ValueError: invalid JSON, or bytes that are not text
+        raise UserError(
+            f"{p} is not a readable result file ({_why(err)}); delete it and re-run the command"
+        ) from None
+    why = result_problem(data)
+    if why:
+        raise UserError(f"{p} is not a valid result file ({why}); delete it and re-run the command")
+    return RunResult.from_dict(data)
+
+
+def _why(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def result_problem(data: Any) -> str | None:
+    """What makes ``data`` not a run result (None: it is one)."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    for key, kind in _RESULT_KEYS.items():
+        if key not in data:
+            return f"no {key!r}"
+        if not isinstance(data[key], kind) or isinstance(data[key], bool):
+            return f"{key!r} is not a {kind.__name__}"
+    for key in ("val_accuracy", "test_accuracy"):
+        if key not in data:
+            return f"no {key!r}"
+        if data[key] is not None and not _is_number(data[key]):
+            return f"{key!r} is not a number"
+    if not isinstance(data.get("history", []), list) or not isinstance(data.get("diagnostics", {}), dict):
+        return "'history' or 'diagnostics' has the wrong type"
+    return None
+
+
+def canonical(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def run_settings(r: RunResult) -> dict[str, Any]:
+    """What every run of one comparison shares: not its method, learning rate or seed."""
+    cfg = r.config
+    out: dict[str, Any] = {"target": r.target, "shots": cfg.get("shots"), "data": cfg.get("data")}
+    if r.source is not None:
+        out["source"] = r.source
+    if ARCH_PREFIX not in r.method and r.arch not in ("custom", "wrapped", "none"):
+        out["arch"] = r.arch  # an arch. variant runs on its own architecture
+    if isinstance(cfg.get("train"), dict):
+        out["epochs"] = cfg.get("epochs")
+        out["train"] = {k: v for k, v in cfg["train"].items() if k != "lr"}
+    return canonical(out)
+
+
+def normal_spec(spec: str) -> str:
+    from paramtransfer.data.specs import parse_spec
+
+    try:
+        return str(parse_spec(spec))
+    except UserError:
+        return spec
+
+
+def _expected_settings(config: CompareConfig) -> dict[str, Any]:
+    from paramtransfer.train.trainer import TrainConfig
+
+    train = make_config(
+        TrainConfig, {"epochs": config.epochs, "lr": config.lrs[0], **config.train}, "training"
+    )
+    out: dict[str, Any] = {
+        "target": normal_spec(config.target),
+        "shots": config.shots,
+        "data": {
+            "val_shots": config.data.get("val_shots"),
+            "limit": None,
+            "test_limit": config.data.get("test_limit"),
+        },
+        "arch": config.arch,
+        "epochs": config.epochs,
+        "train": {k: v for k, v in dataclasses.asdict(train).items() if k != "lr"},
+    }
+    if not Path(config.source).expanduser().exists():  # a saved model names its own source task
+        out["source"] = normal_spec(config.source)
+    return canonical(out)
+
+
+def settings_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first setting both ``a`` and ``b`` (from :func:`run_settings`) have with different values
+    (training fields that only one of them knows are not compared)."""
+    for key in [k for k in a if k in b]:
+        if key == "source":
+            x, y = normal_spec(str(a[key])), normal_spec(str(b[key]))
+        else:
+            x, y = a[key], b[key]
+        if isinstance(x, dict) and isinstance(y, dict):
+            for field_ in sorted(x.keys() & y.keys()):
+                if x[field_] != y[field_]:
+                    return f"{key}.{field_}", x[field_], y[field_]
+        elif x != y:
+            return key, x, y
+    return None
+
+
+def check_out_dir(config: CompareConfig, out: str | Path) -> None:
+    """Refuse, before anything loads or trains, an output folder that holds a damaged ``result.json`` or
+    runs of another comparison (another target, shots, source, architecture, epochs, data or training
+    settings): they would be overwritten or mixed into the table. More methods, learning rates or seeds
+    in the same folder are fine (finished runs are reused)."""
+    root = Path(out)
+    expected = _expected_settings(config)
+    for f in sorted(root.glob("runs/**/" + RESULT)):
+        diff = settings_difference(run_settings(read_result(f)), expected)
+        if diff is not None:
+            key, there, here = diff
+            raise UserError(
+                f"{root} holds runs of another comparison ({f.relative_to(root)}: {key} {there} there, "
+                f"{here} here); use another --out or delete {root}"
+            )
+
+
 def compare(
     config: CompareConfig,
     out: str | Path,
@@ -283,6 +452,13 @@ def compare(
     # complete runs are read here, so that only the missing ones go to the executor
     results: list[RunResult | None] = [run_job({**job, "reuse_only": True}) for job in jobs]
     todo = [i for i, r in enumerate(results) if r is None]
+    stale = [i for i in todo if (Path(jobs[i]["out"]) / RESULT).is_file()]
+    if stale:
+        warn_user(
+            f"{len(stale)} finished run(s) under {root} (e.g. {Path(jobs[stale[0]]['out']) / RESULT}) were "
+            "made with other settings (e.g. a retrained source) or cannot be read, and are run again (their "
+            "result.json is replaced); use another --out to keep both"
+        )
     bar = None
     if progress:
         from tqdm.auto import tqdm

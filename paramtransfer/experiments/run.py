@@ -174,7 +174,7 @@ def train_model(
     if out_dir is not None and (out_dir / RESULT).is_file():
         try:
             old = RunResult.load(out_dir / RESULT)
-        except (json.JSONDecodeError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, AttributeError):  # not a result: run again
             old = None
         # results written before the omission of observational defaults carry the full fingerprint
         if old is not None and old.fingerprint in (fingerprint, _fingerprint(identity, omit_defaults=False)):

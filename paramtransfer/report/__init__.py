@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from paramtransfer.errors import UserError
+from paramtransfer.errors import UserError, warn_user
 from paramtransfer.report.plots import (
     plot_dtnh,
     plot_ft_layers,
@@ -41,29 +41,82 @@ def write_report(summary: dict[str, Any], out: str | Path) -> dict[str, Path]:
 
 
 def load_results(directory: str | Path) -> dict[str, Any]:
-    """The comparison in ``directory``: its ``results.json``, or rebuilt from ``runs/**/result.json``."""
-    from paramtransfer.experiments.compare import select
-    from paramtransfer.experiments.run import RunResult
+    """The comparison in ``directory``: its ``results.json``, or rebuilt from ``runs/**/result.json``.
+
+    A damaged ``results.json`` (invalid JSON, another shape) is rebuilt from the run files with a warning,
+    or, without run files, is an error naming it. Run files of different settings (another target,
+    shots, source, epochs, ...: a stale comparison in the same folder) are never mixed into one table:
+    rebuilding from them is an error that names two that differ.
+    """
+    from paramtransfer.experiments.compare import read_result, run_settings, select, settings_difference
 
     d = Path(directory)
-    if (d / "results.json").is_file():
-        summary = json.loads((d / "results.json").read_text())
-        runs = [RunResult.from_dict(r) for r in summary["runs"]]
-    else:
-        files = sorted(d.glob("runs/**/result.json"))
-        if not files:
-            raise UserError(
-                f"no results.json or runs/**/result.json under {d}; run `paramtransfer compare --out {d}`"
+    summary_file = d / "results.json"
+    files = sorted(d.glob("runs/**/result.json"))
+    if summary_file.is_file():
+        try:
+            summary, runs = _read_summary(summary_file)
+        except UserError as err:
+            if not files:
+                raise
+            problem = str(err).removesuffix("; delete it and re-run the command")
+            warn_user(
+                f"{problem}; the table is rebuilt from the {len(files)} run files under {d / 'runs'} instead "
+                "(re-run the comparison to rewrite it)"
             )
-        runs = [RunResult.load(f) for f in files]
-        first = runs[0]
-        config = {
-            "source": first.source,
-            "target": first.target,
-            "arch": first.arch,
-            "shots": first.config.get("shots"),
-            "seeds": sorted({r.seed for r in runs}),
-        }
-        summary = {"config": config, "runs": [r.to_dict() for r in runs]}
+        else:
+            summary["selected"] = select(runs)
+            return summary
+    if not files:
+        raise UserError(
+            f"no results.json or runs/**/result.json under {d}; run `paramtransfer compare --out {d}`"
+        )
+    runs = [read_result(f) for f in files]
+    first = run_settings(runs[0])
+    for f, r in zip(files[1:], runs[1:]):
+        diff = settings_difference(first, run_settings(r))
+        if diff is not None:
+            key, a, b = diff
+            raise UserError(
+                f"{d / 'runs'} mixes runs of different settings ({key} {a} in {files[0].relative_to(d)}, "
+                f"{b} in {f.relative_to(d)}); delete the stale runs (or use another --out for each "
+                "comparison) before `paramtransfer report`"
+            )
+    first_run = runs[0]
+    config = {
+        "source": first_run.source,
+        "target": first_run.target,
+        "arch": first_run.arch,
+        "shots": first_run.config.get("shots"),
+        "seeds": sorted({r.seed for r in runs}),
+        "lrs": sorted({r.config["lr"] for r in runs if _is_lr(r.config.get("lr"))}, reverse=True),
+    }
+    summary = {"config": config, "runs": [r.to_dict() for r in runs]}
     summary["selected"] = select(runs)
     return summary
+
+
+def _is_lr(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _read_summary(path: Path) -> tuple[dict[str, Any], list]:
+    """``results.json`` and its runs; a file that is not one is a :class:`UserError` naming it."""
+    from paramtransfer.experiments.compare import result_problem
+    from paramtransfer.experiments.run import RunResult
+
+    cure = "delete it and re-run the command"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{path} is not a readable results file ({first}); {cure}") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("runs"), list):
+        raise UserError(f"{path} is not a comparison's results file (no list of 'runs'); {cure}")
+    if not isinstance(summary.get("config", {}), dict):
+        raise UserError(f"{path} is not a comparison's results file ('config' is not a mapping); {cure}")
+    for i, r in enumerate(summary["runs"]):
+        why = result_problem(r)
+        if why:
+            raise UserError(f"{path} is not a comparison's results file (run {i}: {why}); {cure}")
+    return summary, [RunResult.from_dict(r) for r in summary["runs"]]

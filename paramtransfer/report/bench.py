@@ -116,7 +116,7 @@ def detect_layout(directory: str | Path, suites: str | Path | None = None) -> Be
 
 
 def _pm(entry: dict[str, Any]) -> str:
-    return f"{pct(entry['test_mean'], entry['test_std'])} ({entry.get('n_seeds', '?')})"
+    return f"{pct(entry['test_mean'], entry['test_std'], entry.get('n_seeds'))} ({entry.get('n_seeds', '?')})"
 
 
 def _describe(cfg: dict[str, Any]) -> str:

@@ -265,7 +265,7 @@ class ClaimResult:
 def _pm(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return "—"
-    return pct(entry["test_mean"], entry["test_std"])
+    return pct(entry["test_mean"], entry["test_std"], entry.get("n_seeds"))
 
 
 def evaluate_claims(entry: dict[str, Any], selected: dict[str, dict[str, Any]]) -> list[ClaimResult]:

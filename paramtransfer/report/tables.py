@@ -71,9 +71,16 @@ def best_ft(selected: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]] |
     return max(cands, key=lambda ve: ve[1]["val_mean"])
 
 
-def pct(mean: float, std: float) -> str:
-    """``0.8532, 0.0098`` -> ``'85.32 ± 0.98'`` (fractions shown as percentages)."""
+def pct(mean: float, std: float, n: int | None = None) -> str:
+    """``0.8532, 0.0098`` -> ``'85.32 ± 0.98'`` (fractions shown as percentages); over ``n = 1`` seed there
+    is no spread to show: ``'85.32'``."""
+    if n == 1:
+        return f"{100 * mean:.2f}"
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _acc(entry: dict[str, Any], split: str) -> str:
+    return pct(entry[f"{split}_mean"], entry[f"{split}_std"], entry.get("n_seeds"))
 
 
 def relative_gain(entry: dict[str, Any], reference: dict[str, Any]) -> float:
@@ -133,7 +140,8 @@ def comparison_table(summary: dict[str, Any]) -> str:
     header = (
         f"Transfer {cfg.get('source')} → {cfg.get('target')} ({cfg.get('arch')}, "
         f"{cfg.get('shots') or 'all'} shots per class, {len(cfg.get('seeds', []))} seeds). "
-        f"Accuracy in %, mean ± std over seeds; learning rate chosen on the validation split from "
+        f"Accuracy in %, {'one seed' if len(cfg.get('seeds', [])) == 1 else 'mean ± std over seeds'}; "
+        f"learning rate chosen on the validation split from "
         f"{{{', '.join(f'{lr:g}' for lr in cfg.get('lrs', []))}}}.\n\n"
     )
     lines = [
@@ -149,13 +157,13 @@ def comparison_table(summary: dict[str, Any]) -> str:
             continue
         lr = "—" if e["lr"] is None else f"{e['lr']:g}"
         lines.append(
-            f"| {label(variant)} | {lr} | {pct(e['val_mean'], e['val_std'])} | "
-            f"{pct(e['test_mean'], e['test_std'])} | {_notes(e, variant, best, selected)} |"
+            f"| {label(variant)} | {lr} | {_acc(e, 'val')} | "
+            f"{_acc(e, 'test')} | {_notes(e, variant, best, selected)} |"
         )
     if best is not None:
         v, e = best
         lines.append(
-            f"| **best FT-l** = {label(v)} | {e['lr']:g} | {pct(e['val_mean'], e['val_std'])} | "
-            f"{pct(e['test_mean'], e['test_std'])} | l chosen on validation |"
+            f"| **best FT-l** = {label(v)} | {e['lr']:g} | {_acc(e, 'val')} | "
+            f"{_acc(e, 'test')} | l chosen on validation |"
         )
     return header + "\n".join(lines) + "\n"
