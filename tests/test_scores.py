@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from paramtransfer.errors import UserError
-from paramtransfer.selection.scores import SCORES, hscore, leep, logme, logme_fit, nce
+from paramtransfer.selection.scores import SCORES, _as_matrix, hscore, leep, logme, logme_fit, nce
 
 
 def _direct_evidence(features: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
@@ -114,6 +114,36 @@ def test_leep_source_class_without_mass_is_ignored():
     probs = np.array([[0.8, 0.2, 0.0], [0.6, 0.4, 0.0], [0.3, 0.7, 0.0], [0.1, 0.9, 0.0]])
     expected = 0.5 * (math.log(67 / 99) + math.log(57 / 99))  # the 2x2 case above
     assert leep(probs, np.array([0, 0, 1, 1])) == pytest.approx(expected, abs=1e-12)
+
+
+def _leep_by_the_definition(probs: np.ndarray, labels: np.ndarray) -> float:
+    """LEEP with explicit loops over examples (the definition, nothing vectorised)."""
+    theta = probs / probs.sum(1, keepdims=True)
+    n, z = theta.shape
+    classes = sorted(set(labels.tolist()))
+    joint = {
+        (y, j): sum(theta[i, j] for i in range(n) if labels[i] == y) / n for y in classes for j in range(z)
+    }
+    marginal = [sum(joint[y, j] for y in classes) for j in range(z)]
+    total = 0.0
+    for i in range(n):
+        total += math.log(
+            sum(joint[labels[i], j] / marginal[j] * theta[i, j] for j in range(z) if marginal[j] > 0)
+        )
+    return total / n
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_leep_matches_the_definition_on_random_outputs(dtype):
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.full(12, 0.3), size=40)
+    probs[:, 5] = 0.0  # a source class without mass
+    probs /= probs.sum(1, keepdims=True)
+    probs *= 1 + rng.uniform(-1e-4, 1e-4, size=(40, 1))  # rows summing to 1 only within PROB_ATOL
+    probs = probs.astype(dtype)
+    labels = rng.integers(0, 4, 40)
+    expected = _leep_by_the_definition(probs.astype(np.float64), labels)
+    assert leep(probs, labels) == pytest.approx(expected, abs=1e-12)
 
 
 def test_leep_rejects_logits_and_out_of_range_labels():
@@ -355,3 +385,20 @@ def test_feature_scores_reject_bad_input(name: str):
     broken[3, 1] = np.nan
     with pytest.raises(UserError, match="1 NaN or infinite"):
         score(broken, y)
+    broken[3, 1], broken[5, 0] = np.inf, -np.inf  # their sum is NaN: still two bad values
+    with pytest.raises(UserError, match="2 NaN or infinite"):
+        score(broken, y)
+
+
+def test_huge_finite_features_pass_the_finite_check_and_inputs_are_not_changed():
+    huge = np.full((3, 2), 1e308)  # their sum overflows to inf, yet every value is finite
+    assert torch.equal(_as_matrix(huge, "features", "hscore", "[n, d]"), torch.from_numpy(huge))
+    features, labels = _class_problem(24, 4, 3, 2.0, 0)
+    probs = torch.softmax(torch.from_numpy(features), dim=1)
+    before = probs.clone()
+    leep(probs, labels)
+    logme(features, labels)
+    assert torch.equal(probs, before)
+    read_only = features.copy()
+    read_only.flags.writeable = False
+    assert logme(read_only, labels) == logme(features, labels)  # copied, no warning about writing

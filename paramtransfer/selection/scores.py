@@ -73,10 +73,16 @@ def _as_matrix(x: object, name: str, score: str, shape_hint: str) -> torch.Tenso
         raise UserError(f"{score}: {name} must be 2-D {shape_hint}; got shape {tuple(arr.shape)}{hint}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise UserError(f"{score}: {name} is empty (shape {tuple(arr.shape)}); pass at least one example")
-    out = torch.from_numpy(arr.astype(np.float64))
-    bad = int((~torch.isfinite(out)).sum())
-    if bad:
-        raise UserError(f"{score}: {name} contains {bad} NaN or infinite values; remove or fix them first")
+    # float64 input is used in place (never written to); anything else, or a read-only array, is copied
+    out = torch.from_numpy(arr.astype(np.float64, copy=not arr.flags.writeable))
+    # One pass without temporaries: a NaN or an infinity makes the sum non-finite. Only then (or when
+    # huge finite values overflow it) count them element by element.
+    if not math.isfinite(float(out.sum())):
+        bad = int((~torch.isfinite(out)).sum())
+        if bad:
+            raise UserError(
+                f"{score}: {name} contains {bad} NaN or infinite values; remove or fix them first"
+            )
     return out
 
 
@@ -333,12 +339,16 @@ def leep(source_probs: ArrayLike, labels: ArrayLike, num_target_classes: int | N
             f"{score}: rows of source_probs must sum to 1 (row {worst} sums to {worst_sum:.6g}); "
             "pass softmax probabilities (torch.softmax(logits, dim=1)), not logits"
         )
-    theta = theta / row_sums[:, None]
-    joint = torch.zeros(num_classes, theta.shape[1], dtype=torch.float64).index_add_(0, y, theta) / n
+    # Two [n, Z] x K matmuls and no [n, Z] temporary: the renormalisation theta_i / s_i (s_i the row sum)
+    # is folded into the one-hot matrix, P(y, z) = (one_hot(y) / s)^T theta / n, and the expected
+    # prediction of example i is (theta P(.|.)^T)[i, y_i] / s_i. (Gathering P(y_i | .) for every example,
+    # as ``conditional[y]``, and the normalised copy of theta took three quarters of the time.)
+    onehot = torch.nn.functional.one_hot(y, num_classes).to(torch.float64) / row_sums[:, None]  # [n, K]
+    joint = onehot.T @ theta / n  # [K, Z]
     marginal = joint.sum(0)
     conditional = torch.where(marginal > 0, joint / marginal.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
     # sum_z P(y_i|z) theta_iz >= theta_iz^2 / (n P(z)) > 0 for some z, so the log is finite.
-    expected = (theta * conditional[y]).sum(1)
+    expected = (theta @ conditional.T).gather(1, y[:, None])[:, 0] / row_sums
     return float(expected.log().mean())
 
 
