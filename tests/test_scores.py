@@ -18,7 +18,17 @@ import pytest
 import torch
 
 from paramtransfer.errors import UserError
-from paramtransfer.selection.scores import SCORES, _as_matrix, hscore, leep, logme, logme_fit, nce
+from paramtransfer.selection.scores import (
+    LOGME_GRAM_RATIO,
+    SCORES,
+    _as_matrix,
+    _fit_logme,
+    hscore,
+    leep,
+    logme,
+    logme_fit,
+    nce,
+)
 
 
 def _direct_evidence(features: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
@@ -298,6 +308,63 @@ def test_logme_fixed_point_equations_hold_at_an_interior_maximum():
         gamma = 4 - alpha * np.trace(np.linalg.inv(a))  # = sum beta s^2 / (alpha + beta s^2)
         assert alpha == pytest.approx(gamma / (m @ m), rel=1e-3)
         assert beta == pytest.approx((50 - gamma) / np.sum((features @ m - y) ** 2), rel=1e-3)
+
+
+def _gram_cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """n >> d features: well conditioned, and near-singular ones the Gram path must leave to the SVD."""
+    rng = np.random.default_rng(21)
+    cases = {}
+    for n, d, k, signal in [(2000, 16, 3, 1.0), (1200, 60, 10, 0.3), (500, 50, 5, 0.0), (3000, 32, 4, 5.0)]:
+        cases[f"gaussian {n}x{d}"] = _class_problem(n, d, k, signal, seed=n + d)
+    base, labels = _class_problem(1500, 30, 5, 1.0, seed=22)
+    relu = np.maximum(base @ rng.normal(size=(30, 120)), 0.0)
+    relu[:, :7] = 0.0  # dead units: exact null directions, left out of the Gram matrix
+    cases["relu with dead units"] = (relu, labels)
+    for noise in (1e-2, 1e-5, 1e-8, 0.0):  # a column that is (almost) a combination of the others
+        extra = base[:, :10] @ rng.normal(size=10) + noise * rng.normal(size=1500)
+        cases[f"near-collinear {noise:g}"] = (np.column_stack([base, extra]), labels)
+    for scale in (1e-2, 1e-3, 1e-4, 1e-5):  # the informative feature at a tiny scale (badly conditioned)
+        tiny = scale * (labels + 0.1 * rng.normal(size=1500))
+        cases[f"informative column at {scale:g}"] = (
+            np.column_stack([rng.normal(size=(1500, 20)), tiny]),
+            labels,
+        )
+    scaled = base * 10.0 ** rng.uniform(-4, 4, size=30)
+    cases["columns scaled 1e-4..1e4"] = (scaled, labels)
+    three = labels % 3
+    exact = np.column_stack([rng.normal(size=(1500, 10)), three == 0, three == 1])  # 2 classes fitted exactly
+    cases["labels linear in the features"] = (exact.astype(np.float64), three)
+    return cases
+
+
+@pytest.mark.parametrize("name", list(_gram_cases()))
+def test_logme_gram_path_matches_the_svd(name: str):
+    """n >= LOGME_GRAM_RATIO * d: the d x d Gram eigendecomposition replaces the SVD where it keeps the
+    log evidence within 1e-6 of it (every class); near-singular features fall back to the SVD itself."""
+    features, labels = _gram_cases()[name]
+    assert features.shape[0] >= LOGME_GRAM_RATIO * features.shape[1]
+    svd = _fit_logme(features, labels, 1e-10, 10_000, solver="svd")
+    auto = logme_fit(features, labels)
+    assert svd.solver == "svd" and all(svd.converged) and all(auto.converged)
+    assert np.max(np.abs(np.subtract(auto.evidence, svd.evidence))) <= 1e-6
+    assert abs(auto.score - svd.score) <= 1e-6
+    gram = ["relu with dead units", "near-collinear 0.01", "informative column at 0.01"]
+    svd_only = ["near-collinear 1e-08", "near-collinear 0", "informative column at 1e-05"]
+    if name.startswith("gaussian") or name in gram:
+        assert auto.solver == "gram"
+    if name in [*svd_only, "labels linear in the features"]:
+        assert auto.solver == "svd"  # too ill-conditioned (or fitted exactly) for the Gram matrix
+
+
+def test_logme_picks_the_gram_path_only_for_n_much_larger_than_d():
+    features, labels = _class_problem(4 * 12, 12, 3, 1.0, seed=23)
+    assert logme_fit(features, labels).solver == "gram"
+    assert logme_fit(features[:-1], labels[:-1]).solver == "svd"  # n < 4 d
+    assert logme_fit(
+        features[:, :5].T @ features[:, :5] @ np.ones((5, 1)) @ np.ones((1, 3)), [0, 1, 0, 1, 0]
+    ).solver
+    with pytest.raises(UserError, match="all zero"):
+        logme(np.zeros((40, 3)), np.arange(40) % 2)
 
 
 def test_logme_separating_features_beat_random_ones():
