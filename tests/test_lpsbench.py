@@ -15,7 +15,7 @@ import pytest
 from paramtransfer.errors import UserError
 from paramtransfer.experiments.bench import KINDS
 from paramtransfer.report.paper import VERDICTS
-from paramtransfer.selection import lpsbench, modelset
+from paramtransfer.selection import lpsbench, modelset, rank
 from paramtransfer.selection.lpsbench import (
     LPSBenchConfig,
     format_lps_bench,
@@ -79,6 +79,7 @@ def test_tiny_lps_bench_end_to_end_and_resumed(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(modelset, "train_model", refuse)
     monkeypatch.setattr(lpsbench, "evaluate_modelset", refuse)
     monkeypatch.setattr(lpsbench, "rank_sources", refuse)
+    monkeypatch.setattr(rank, "lps_scores", refuse)  # the LPS variants' similarities are cached too
     again = run_lps_bench(TINY, tmp_path, progress=False)
     assert again["eval"]["classification"] == summary["eval"]["classification"]
     assert again["rank"] == summary["rank"]
@@ -97,7 +98,6 @@ def test_ranking_trains_the_second_order_network_as_the_evaluation(tmp_path: Pat
 
     from paramtransfer.data import task as task_module
     from paramtransfer.models import store
-    from paramtransfer.selection import rank
 
     config = yaml.safe_load((Path(__file__).parents[1] / "benchmarks/lps/fashion_pairs.yaml").read_text())
     config["timing"] = None
