@@ -893,3 +893,38 @@ def test_report_from_real_dtnh_runs(tiny_source: pt.LayeredNet, tiny_task: pt.Ta
     assert f"gradients conflicted in {100 * entry['corrected_fraction']:.0f} % of steps" in row
     path = plot_dtnh(summary, tmp_path / "dtnh.png")
     assert path is not None and path.read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.5, 1.0, 3.0])
+def test_corrected_direction_length_matches_the_hand_derived_identity(lam: float) -> None:
+    """||d||^2 - ||g_J + lam g_O||^2 = -lam c (2 + lam c / ||g_J||^2) in a conflict (c = <g_J, g_O> < 0),
+    0 without one; ||d||^2 = ||g_J||^2 + lam^2 ||g_O^y||^2; d is longer exactly when
+    -2 < lam c / ||g_J||^2 < 0."""
+    gen = torch.Generator().manual_seed(int(lam * 100))
+    longer = shorter = 0
+    for _ in range(200):
+        g_j = torch.randn(50, generator=gen, dtype=torch.float64) * 10 ** torch.empty(1).uniform_(
+            -2, 2, generator=gen
+        )
+        g_o = torch.randn(50, generator=gen, dtype=torch.float64) * 10 ** torch.empty(1).uniform_(
+            -2, 2, generator=gen
+        )
+        c = float(g_j @ g_o)
+        jj = float(g_j @ g_j)
+        plain = g_j + lam * g_o
+        d = correct_direction(g_j, g_o, lam)
+        diff = float(d @ d) - float(plain @ plain)
+        if c >= 0:
+            assert diff == 0.0 and torch.equal(d, plain)
+            continue
+        expected = -lam * c * (2 + lam * c / jj)
+        assert diff == pytest.approx(expected, rel=1e-9, abs=1e-12 * float(plain @ plain + d @ d))
+        perp = g_o - c / jj * g_j
+        assert float(d @ d) == pytest.approx(jj + lam**2 * float(perp @ perp), rel=1e-12)
+        if abs(expected) > 1e-9 * float(plain @ plain + d @ d):  # the sign is beyond round-off
+            assert (diff > 0) == (-2 < lam * c / jj < 0)
+            longer, shorter = longer + (diff > 0), shorter + (diff < 0)
+    assert longer > 0 and (lam < 1 or shorter > 0)  # both cases occur
+    # hand-picked: g_J = (1, 0), g_O = (-1, 1), lam = 1: d = (1, 1), p = (0, 1); -c (2 + c) = 1 * (2 - 1) = 1
+    d = correct_direction(torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0]), 1.0)
+    assert float(d @ d) - 1.0 == 1.0

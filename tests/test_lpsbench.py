@@ -15,7 +15,7 @@ import pytest
 from paramtransfer.errors import UserError
 from paramtransfer.experiments.bench import KINDS
 from paramtransfer.report.paper import VERDICTS
-from paramtransfer.selection import lpsbench, modelset
+from paramtransfer.selection import lpsbench, modelset, rank
 from paramtransfer.selection.lpsbench import (
     LPSBenchConfig,
     format_lps_bench,
@@ -51,6 +51,8 @@ def test_tiny_lps_bench_end_to_end_and_resumed(tmp_path: Path, monkeypatch) -> N
     summary = run_lps_bench(TINY, tmp_path, progress=False)
     assert summary["modelset"]["models"] == 6 and summary["modelset"]["tasks"] == 3
     assert set(TINY["eval"]["sections"]) <= set(summary["eval"])
+    for m in summary["eval"]["transferability"]["methods"].values():  # rho with and without the own task
+        assert {"mean_spearman", "mean_spearman_other_tasks", "queries_other_tasks"} <= set(m)
     variant = summary["eval_variants"]["all branches"]
     assert set(variant["classification"]["methods"]) == {"random", "lps"}  # LPS alone, re-weighted
     assert variant["settings"]["lps_weights"] == [1, 1, 1, 1]
@@ -77,12 +79,68 @@ def test_tiny_lps_bench_end_to_end_and_resumed(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(modelset, "train_model", refuse)
     monkeypatch.setattr(lpsbench, "evaluate_modelset", refuse)
     monkeypatch.setattr(lpsbench, "rank_sources", refuse)
+    monkeypatch.setattr(rank, "lps_scores", refuse)  # the LPS variants' similarities are cached too
     again = run_lps_bench(TINY, tmp_path, progress=False)
     assert again["eval"]["classification"] == summary["eval"]["classification"]
     assert again["rank"] == summary["rank"]
     changed = {**TINY, "rank": {**TINY["rank"], "verify_epochs": 2}}  # other settings: ranked again
     with pytest.raises(AssertionError, match="a finished stage was redone"):
         run_lps_bench(changed, tmp_path, progress=False)
+
+
+def test_ranking_trains_the_second_order_network_as_the_evaluation(tmp_path: Path, monkeypatch) -> None:
+    """The recorded setting: the ranking's LPS networks (plain and every variant) get the eval section's
+    settings (30 epochs there), not defaults of their own (once 20 epochs, undisclosed)."""
+    import dataclasses
+    import types
+
+    import yaml
+
+    from paramtransfer.data import task as task_module
+    from paramtransfer.models import store
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "benchmarks/lps/fashion_pairs.yaml").read_text())
+    config["timing"] = None
+    entries = [{"task": t, "path": f"models/{t}/0", "test_accuracy": 0.9, "wall_time_s": 1.0} for t in "abc"]
+    seen: dict[str, list] = {"eval": [], "rank": [], "variant": []}
+
+    def evaluate(directory, **kwargs):
+        seen["eval"].append(kwargs)
+        return {"complete": True}
+
+    def rank_sources(target, candidates, out, *, config, **kwargs):
+        seen["rank"].append(config)
+        rows = [
+            {"name": c, "path": c, "task": c, "finetune_accuracy": i / 3, **dict.fromkeys(SCORE_NAMES, i)}
+            for i, c in enumerate(candidates)
+        ]
+        return {"target": target, "candidates": rows, "weighted_tau": dict.fromkeys(SCORE_NAMES, 1.0)}
+
+    def lps_scores(set_dir, cands, task, cfg):
+        seen["variant"].append(cfg)
+        return [float(i) for i in range(len(cands))]
+
+    monkeypatch.setattr(lpsbench, "build_modelset", lambda **kwargs: None)
+    monkeypatch.setattr(lpsbench, "read_index", lambda directory: entries)
+    monkeypatch.setattr(lpsbench, "evaluate_modelset", evaluate)
+    monkeypatch.setattr(lpsbench, "rank_sources", rank_sources)
+    monkeypatch.setattr(lpsbench, "plot_lps", lambda summary, path: None)
+    monkeypatch.setattr(rank, "lps_scores", lps_scores)
+    monkeypatch.setattr(store, "load_model", lambda path: types.SimpleNamespace(in_shape=(1, 28, 28)))
+    monkeypatch.setattr(task_module, "load_task", lambda *args, **kwargs: None)
+    summary = run_lps_bench(config, tmp_path, progress=False)
+
+    evaluated = seen["eval"][0]  # the evaluation, then its two LPS variants
+    assert len(seen["eval"]) == 3 and evaluated["epochs"] == 30 == config["eval"]["epochs"]
+    assert len(seen["rank"]) == 6 and len(seen["variant"]) == 12  # 3 targets x 2 seeds (x 2 variants)
+    keys = ("epochs", "lr", "batch_size", "embed_dim", "filters", "seed")
+    for cfg in seen["rank"] + seen["variant"]:
+        assert {k: getattr(cfg.lps, k) for k in keys} == {k: evaluated[k] for k in keys}
+    assert all({k: e[k] for k in keys} == {k: evaluated[k] for k in keys} for e in seen["eval"])
+    assert sorted({tuple(cfg.lps.lps_weights) for cfg in seen["variant"]}) == [(0, 1, 0, 0), (1, 1, 1, 1)]
+    assert all(cfg.lps.lps_weights is None for cfg in seen["rank"])
+    assert summary["rank"]["second_order"]["epochs"] == 30  # disclosed in results.json
+    assert dataclasses.asdict(seen["rank"][0].lps)["momentum"] == 0.9
 
 
 def _summary(lps: float, best: float, n: int) -> dict:

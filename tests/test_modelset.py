@@ -28,6 +28,7 @@ from paramtransfer.selection.modelset import (
     INDEX,
     METHODS,
     SECTIONS,
+    _query_rhos,
     _retrieval_metrics,
     _spearman,
     _top_k,
@@ -176,6 +177,8 @@ def test_eval_json_has_every_section_in_range(report: dict) -> None:
         assert 0.0 <= metrics["map"] <= 1.0
     for metrics in report["transferability"]["methods"].values():
         assert metrics["mean_spearman"] is None or -1.0 <= metrics["mean_spearman"] <= 1.0
+        rho = metrics["mean_spearman_other_tasks"]
+        assert rho is None or -1.0 <= rho <= 1.0
     branches = report["branches"]["top1"]
     assert len(branches) == 4 and all(0.0 <= v <= 1.0 for v in branches)  # lenet: 2 conv + 2 fc layers
     ablation = report["alignment"]
@@ -227,6 +230,21 @@ def test_spearman_matches_scipy_with_ties() -> None:
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 5, (30,), generator=gen), torch.randn(30, generator=gen)
     assert _spearman(x, y) == pytest.approx(stats.spearmanr(x.numpy(), y.numpy()).statistic)
+
+
+def test_transferability_rho_with_and_without_the_query_tasks_models() -> None:
+    """Query 0 (task 0); models 1-2 share its task (high similarity, high ARI), models 3-5 are other tasks
+    whose similarity runs against their ARI. Over all five candidates the ranks of similarity (5, 4, 1, 2, 3)
+    and ARI (5, 4, 3, 2, 1) give rho = 1 - 6 * 8 / (5 * 24) = 0.6; over the other tasks alone rho = -1."""
+    sims = torch.tensor([1.0, 0.95, 0.9, 0.2, 0.5, 0.7])  # cosine similarity to the query (model 0)
+    emb = torch.stack([sims, (1 - sims**2).clamp_min(0).sqrt()], dim=1)  # unit vectors at those angles
+    ari = torch.tensor([1.0, 0.9, 0.85, 0.3, 0.2, 0.1])
+    labels = [0, 0, 0, 1, 1, 2]
+    both = _query_rhos(emb, [0], [ari], labels, own_task=True)
+    other = _query_rhos(emb, [0], [ari], labels, own_task=False, suffix="_other_tasks")
+    assert both["mean_spearman"] == pytest.approx(0.6) and both["queries"] == 1
+    assert other["mean_spearman_other_tasks"] == pytest.approx(-1.0) and other["queries_other_tasks"] == 1
+    assert both["std_spearman"] == 0.0
 
 
 # ---- errors -----------------------------------------------------------------------------------------

@@ -18,7 +18,17 @@ import pytest
 import torch
 
 from paramtransfer.errors import UserError
-from paramtransfer.selection.scores import SCORES, hscore, leep, logme, logme_fit, nce
+from paramtransfer.selection.scores import (
+    LOGME_GRAM_RATIO,
+    SCORES,
+    _as_matrix,
+    _fit_logme,
+    hscore,
+    leep,
+    logme,
+    logme_fit,
+    nce,
+)
 
 
 def _direct_evidence(features: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
@@ -114,6 +124,36 @@ def test_leep_source_class_without_mass_is_ignored():
     probs = np.array([[0.8, 0.2, 0.0], [0.6, 0.4, 0.0], [0.3, 0.7, 0.0], [0.1, 0.9, 0.0]])
     expected = 0.5 * (math.log(67 / 99) + math.log(57 / 99))  # the 2x2 case above
     assert leep(probs, np.array([0, 0, 1, 1])) == pytest.approx(expected, abs=1e-12)
+
+
+def _leep_by_the_definition(probs: np.ndarray, labels: np.ndarray) -> float:
+    """LEEP with explicit loops over examples (the definition, nothing vectorised)."""
+    theta = probs / probs.sum(1, keepdims=True)
+    n, z = theta.shape
+    classes = sorted(set(labels.tolist()))
+    joint = {
+        (y, j): sum(theta[i, j] for i in range(n) if labels[i] == y) / n for y in classes for j in range(z)
+    }
+    marginal = [sum(joint[y, j] for y in classes) for j in range(z)]
+    total = 0.0
+    for i in range(n):
+        total += math.log(
+            sum(joint[labels[i], j] / marginal[j] * theta[i, j] for j in range(z) if marginal[j] > 0)
+        )
+    return total / n
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_leep_matches_the_definition_on_random_outputs(dtype):
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.full(12, 0.3), size=40)
+    probs[:, 5] = 0.0  # a source class without mass
+    probs /= probs.sum(1, keepdims=True)
+    probs *= 1 + rng.uniform(-1e-4, 1e-4, size=(40, 1))  # rows summing to 1 only within PROB_ATOL
+    probs = probs.astype(dtype)
+    labels = rng.integers(0, 4, 40)
+    expected = _leep_by_the_definition(probs.astype(np.float64), labels)
+    assert leep(probs, labels) == pytest.approx(expected, abs=1e-12)
 
 
 def test_leep_rejects_logits_and_out_of_range_labels():
@@ -270,6 +310,63 @@ def test_logme_fixed_point_equations_hold_at_an_interior_maximum():
         assert beta == pytest.approx((50 - gamma) / np.sum((features @ m - y) ** 2), rel=1e-3)
 
 
+def _gram_cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """n >> d features: well conditioned, and near-singular ones the Gram path must leave to the SVD."""
+    rng = np.random.default_rng(21)
+    cases = {}
+    for n, d, k, signal in [(2000, 16, 3, 1.0), (1200, 60, 10, 0.3), (500, 50, 5, 0.0), (3000, 32, 4, 5.0)]:
+        cases[f"gaussian {n}x{d}"] = _class_problem(n, d, k, signal, seed=n + d)
+    base, labels = _class_problem(1500, 30, 5, 1.0, seed=22)
+    relu = np.maximum(base @ rng.normal(size=(30, 120)), 0.0)
+    relu[:, :7] = 0.0  # dead units: exact null directions, left out of the Gram matrix
+    cases["relu with dead units"] = (relu, labels)
+    for noise in (1e-2, 1e-5, 1e-8, 0.0):  # a column that is (almost) a combination of the others
+        extra = base[:, :10] @ rng.normal(size=10) + noise * rng.normal(size=1500)
+        cases[f"near-collinear {noise:g}"] = (np.column_stack([base, extra]), labels)
+    for scale in (1e-2, 1e-3, 1e-4, 1e-5):  # the informative feature at a tiny scale (badly conditioned)
+        tiny = scale * (labels + 0.1 * rng.normal(size=1500))
+        cases[f"informative column at {scale:g}"] = (
+            np.column_stack([rng.normal(size=(1500, 20)), tiny]),
+            labels,
+        )
+    scaled = base * 10.0 ** rng.uniform(-4, 4, size=30)
+    cases["columns scaled 1e-4..1e4"] = (scaled, labels)
+    three = labels % 3
+    exact = np.column_stack([rng.normal(size=(1500, 10)), three == 0, three == 1])  # 2 classes fitted exactly
+    cases["labels linear in the features"] = (exact.astype(np.float64), three)
+    return cases
+
+
+@pytest.mark.parametrize("name", list(_gram_cases()))
+def test_logme_gram_path_matches_the_svd(name: str):
+    """n >= LOGME_GRAM_RATIO * d: the d x d Gram eigendecomposition replaces the SVD where it keeps the
+    log evidence within 1e-6 of it (every class); near-singular features fall back to the SVD itself."""
+    features, labels = _gram_cases()[name]
+    assert features.shape[0] >= LOGME_GRAM_RATIO * features.shape[1]
+    svd = _fit_logme(features, labels, 1e-10, 10_000, solver="svd")
+    auto = logme_fit(features, labels)
+    assert svd.solver == "svd" and all(svd.converged) and all(auto.converged)
+    assert np.max(np.abs(np.subtract(auto.evidence, svd.evidence))) <= 1e-6
+    assert abs(auto.score - svd.score) <= 1e-6
+    gram = ["relu with dead units", "near-collinear 0.01", "informative column at 0.01"]
+    svd_only = ["near-collinear 1e-08", "near-collinear 0", "informative column at 1e-05"]
+    if name.startswith("gaussian") or name in gram:
+        assert auto.solver == "gram"
+    if name in [*svd_only, "labels linear in the features"]:
+        assert auto.solver == "svd"  # too ill-conditioned (or fitted exactly) for the Gram matrix
+
+
+def test_logme_picks_the_gram_path_only_for_n_much_larger_than_d():
+    features, labels = _class_problem(4 * 12, 12, 3, 1.0, seed=23)
+    assert logme_fit(features, labels).solver == "gram"
+    assert logme_fit(features[:-1], labels[:-1]).solver == "svd"  # n < 4 d
+    assert logme_fit(
+        features[:, :5].T @ features[:, :5] @ np.ones((5, 1)) @ np.ones((1, 3)), [0, 1, 0, 1, 0]
+    ).solver
+    with pytest.raises(UserError, match="all zero"):
+        logme(np.zeros((40, 3)), np.arange(40) % 2)
+
+
 def test_logme_separating_features_beat_random_ones():
     good, labels = _class_problem(90, 8, 3, signal=2.0, seed=9)
     noise = np.random.default_rng(10).normal(size=(90, 8))
@@ -355,3 +452,20 @@ def test_feature_scores_reject_bad_input(name: str):
     broken[3, 1] = np.nan
     with pytest.raises(UserError, match="1 NaN or infinite"):
         score(broken, y)
+    broken[3, 1], broken[5, 0] = np.inf, -np.inf  # their sum is NaN: still two bad values
+    with pytest.raises(UserError, match="2 NaN or infinite"):
+        score(broken, y)
+
+
+def test_huge_finite_features_pass_the_finite_check_and_inputs_are_not_changed():
+    huge = np.full((3, 2), 1e308)  # their sum overflows to inf, yet every value is finite
+    assert torch.equal(_as_matrix(huge, "features", "hscore", "[n, d]"), torch.from_numpy(huge))
+    features, labels = _class_problem(24, 4, 3, 2.0, 0)
+    probs = torch.softmax(torch.from_numpy(features), dim=1)
+    before = probs.clone()
+    leep(probs, labels)
+    logme(features, labels)
+    assert torch.equal(probs, before)
+    read_only = features.copy()
+    read_only.flags.writeable = False
+    assert logme(read_only, labels) == logme(features, labels)  # copied, no warning about writing

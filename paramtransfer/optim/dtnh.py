@@ -10,6 +10,21 @@ Erratum (see DESIGN.md): Algorithm 1 line 11 and the text print ``lam * J_t``; t
 ``g_J + lam * g_O^y`` (line 8's form with the projected regulariser gradient). Since ``<d, g_J> =
 ||g_J||^2 >= 0`` after the correction, the direction never increases the task loss to first order.
 
+Step length: the corrected direction is usually LONGER than the plain sum ``p = g_J + lam * g_O``. With
+``c = <g_J, g_O> < 0`` and ``k = c / ||g_J||^2``, split ``g_O = k g_J + g_O^y`` (``g_O^y`` orthogonal to
+``g_J``). Then ``p = (1 + lam k) g_J + lam g_O^y`` and ``d = g_J + lam g_O^y``: the same part orthogonal to
+``g_J``, and along ``g_J`` a length ``||g_J||`` for ``d`` against ``|1 + lam k| ||g_J||`` for ``p``, so
+
+    ||d||^2 - ||p||^2 = (1 - (1 + lam k)^2) ||g_J||^2 = -lam c (2 + lam c / ||g_J||^2),
+
+for ``lam = 1``: ``-c (2 + c / ||g_J||^2)``. It is positive whenever ``-2 < lam k < 0``, i.e. whenever the
+part of ``lam g_O`` opposing ``g_J`` (length ``lam |c| / ||g_J||``) is shorter than ``2 ||g_J||``, which
+covers most conflicts; it peaks at ``||g_J||^2`` for ``lam k = -1`` (``p`` has no component along ``g_J``
+at all), is zero at ``lam k = -2`` and negative only beyond. Always ``||d||^2 = ||g_J||^2 +
+lam^2 ||g_O^y||^2 >= ||g_J||^2``. So at one learning rate DTNH takes longer steps than plain
+regularised training, which is consistent with its runs diverging more often at lr 0.1
+(``benchmarks/dtnh``); with ``granularity="tensor"`` the identity holds per tensor and the differences add.
+
 The paper treats all parameters as one flat vector (``granularity="global"``); :func:`correct_tensors`
 also offers the projection tensor by tensor (``"tensor"``), which removes conflicts that cancel out in
 the global inner product.
@@ -36,6 +51,10 @@ def correct_direction(grad_task: torch.Tensor, grad_reg: torch.Tensor, lam: floa
 
     Shape:
         ``[d]`` and ``[d]`` -> ``[d]``.
+
+    In a conflict ``d`` is longer than ``g_J + lam * g_O`` by ``||d||^2 - ||g_J + lam g_O||^2 =
+    -lam <g_J,g_O> (2 + lam <g_J,g_O> / ||g_J||^2)``, positive unless the opposing part of ``lam * g_O``
+    exceeds ``2 ||g_J||`` (derivation in the module docstring): the same learning rate takes longer steps.
 
     Example:
         >>> correct_direction(torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0]), 1.0)

@@ -68,7 +68,11 @@ class BuildSettings:
 
 @dataclass
 class EvalSettings:
-    """:func:`evaluate_modelset` arguments (see there and :class:`EvalConfig`)."""
+    """:func:`evaluate_modelset` arguments (see there and :class:`EvalConfig`).
+
+    They are the one source of the second-order network's training settings: the ranking stage trains
+    its LPS networks with the same ones (:func:`second_order_config`).
+    """
 
     epochs: int = 20
     lr: float = 0.01
@@ -85,7 +89,11 @@ class EvalSettings:
 
 @dataclass
 class RankSettings:
-    """Ranking candidate sources: the first model of each task is a candidate for every target."""
+    """Ranking candidate sources: the first model of each task is a candidate for every target.
+
+    The LPS second-order network is trained with the ``eval`` section's settings (epochs, lr, batch size,
+    embedding size, filters, seed), not with settings of its own.
+    """
 
     targets: list[str] = field(default_factory=lambda: ["fashion[5-9]"])
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -131,6 +139,30 @@ class LPSBenchConfig:
         return cls(**parts)
 
 
+def _eval_options(e: EvalSettings) -> dict[str, Any]:
+    """The :func:`evaluate_modelset` keyword arguments of the eval section (all but sections, variants)."""
+    return {k: v for k, v in dataclasses.asdict(e).items() if k not in ("sections", "variants")}
+
+
+def second_order_config(e: EvalSettings, lps_weights: list[float] | None = None) -> EvalConfig:
+    """The :class:`EvalConfig` that :func:`evaluate_modelset` builds from the eval section: the ranking
+    trains its LPS networks with it, so that both stages use one second-order network setting."""
+    return EvalConfig(**_eval_options(e), lps_weights=None if lps_weights is None else list(lps_weights))
+
+
+def rank_config(r: RankSettings, e: EvalSettings, seed: int) -> RankConfig:
+    """The :class:`RankConfig` of one target seed: the rank section's settings, LPS trained as in eval."""
+    return RankConfig(
+        shots=r.shots,
+        seed=seed,
+        probe_epochs=r.probe_epochs,
+        verify_epochs=r.verify_epochs,
+        verify_lr=r.verify_lr,
+        test_limit=r.test_limit,
+        lps=second_order_config(e),
+    )
+
+
 def run_lps_bench(
     config: dict[str, Any] | LPSBenchConfig, out: str | Path, executor: Any = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -171,7 +203,7 @@ def run_lps_bench(
         "eval_variants": variants,
     }
     if cfg.rank is not None:
-        summary["rank"] = _rankings(set_dir, entries, root / "rank", cfg.rank, e.variants, progress)
+        summary["rank"] = _rankings(set_dir, entries, root / "rank", cfg.rank, e, progress)
     if cfg.timing is not None:
         summary["timing"] = embedding_time(cfg.timing, e)
     atomic_write_json(root / RESULTS, summary)
@@ -200,7 +232,7 @@ def _eval(
         old = json.loads(path.read_text())
         if old.get("complete") and old.get("bench_settings") == settings:
             return old
-    options = {k: v for k, v in dataclasses.asdict(e).items() if k not in ("sections", "variants")}
+    options = _eval_options(e)
     report = evaluate_modelset(
         set_dir,
         out=root,
@@ -220,33 +252,33 @@ def _rankings(
     entries: list[dict[str, Any]],
     root: Path,
     r: RankSettings,
-    variants: dict[str, list[float]],
+    e: EvalSettings,
     progress: bool,
 ) -> dict[str, Any]:
     """Rank one candidate per task for every target and seed; weighted tau per score, mean over seeds.
 
+    The LPS second-order network is trained with the eval section's settings (:func:`rank_config`).
     Each LPS variant (other branch weights ``w_l``) adds a score ``lps[NAME]``: its similarities to the
     same probe, judged against the same fine-tuned accuracies (``OUT/rank/<target>/seed=<s>/lps_NAME.json``).
     """
+    variants = e.variants
     first: dict[str, dict[str, Any]] = {}
     for x in entries:
         first.setdefault(x["task"], x)
     candidates = [str(set_dir / x["path"]) for x in first.values()]
     task_of = dict(zip(candidates, first, strict=True))
     scores = [*SCORE_NAMES, *(f"lps[{name}]" for name in variants)]
-    out: dict[str, Any] = {"candidates": len(candidates), "scores": scores, "targets": {}}
+    out: dict[str, Any] = {
+        "candidates": len(candidates),
+        "scores": scores,
+        "second_order": dataclasses.asdict(second_order_config(e)),
+        "targets": {},
+    }
     for target in r.targets:
         per_seed = []
         for seed in r.seeds:
             d = root / _safe(target) / f"seed={seed}"
-            config = RankConfig(
-                shots=r.shots,
-                seed=seed,
-                probe_epochs=r.probe_epochs,
-                verify_epochs=r.verify_epochs,
-                verify_lr=r.verify_lr,
-                test_limit=r.test_limit,
-            )
+            config = rank_config(r, e, seed)
             report = _read_if(d / "rank.json", lambda rep, c=config: _same_rank_config(rep.get("config"), c))
             if report is None:
                 report = rank_sources(
@@ -298,8 +330,10 @@ def _add_lps_variant(
     from paramtransfer.selection.rank import Candidate, lps_scores, weighted_tau
 
     key, path = f"lps[{name}]", d / f"lps_{_safe(name)}.json"
-    cfg = dataclasses.replace(config, lps=EvalConfig(lps_weights=list(weights)))
-    cached = _read_if(path, lambda v: v.get("weights") == list(weights) and v.get("config") == config.seed)
+    cfg = dataclasses.replace(config, lps=dataclasses.replace(config.lps, lps_weights=list(weights)))
+    # the whole config, second-order settings included, keys the cache (once the seed alone did)
+    stored = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    cached = _read_if(path, lambda v: v.get("weights") == list(weights) and v.get("config") == stored)
     if cached is None:
         rows = report["candidates"]
         cands = [Candidate(row["name"], Path(row["path"]), row["task"]) for row in rows]
@@ -308,7 +342,7 @@ def _add_lps_variant(
         sims = lps_scores(set_dir, cands, task, cfg)
         tau = weighted_tau(sims, [row["finetune_accuracy"] for row in rows])
         tau = tau if math.isfinite(tau) else None  # undefined: every accuracy (or score) tied
-        cached = {"weights": list(weights), "config": config.seed, "similarity": sims, "tau": tau}
+        cached = {"weights": list(weights), "config": stored, "similarity": sims, "tau": tau}
         atomic_write_json(path, cached)
     for row, sim in zip(report["candidates"], cached["similarity"], strict=True):
         row[key] = sim
@@ -439,13 +473,24 @@ def lps_claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
         )
     if "transferability" in ev:
         m = ev["transferability"]["methods"]["lps"]
-        if m["mean_spearman"] is not None:
+        # the paper applies models of one task to another: judge by rho over the other tasks' models when
+        # the report has it (results from before it was added have only rho over every other model)
+        suffix, label = (
+            ("_other_tasks", "LPS Spearman ρ, other tasks")
+            if m.get("queries_other_tasks")
+            else (
+                "",
+                "LPS Spearman ρ",
+            )
+        )
+        mean, std, queries = (m[f"{k}{suffix}"] for k in ("mean_spearman", "std_spearman", "queries"))
+        if mean is not None:
             # one query has no spread to judge by: inconclusive
-            noise = (m["std_spearman"] or 0.0) / m["queries"] ** 0.5 if m["queries"] > 1 else math.inf
+            noise = (std or 0.0) / queries**0.5 if queries > 1 else math.inf
             add(
                 "parameter similarity grows with transferability (k-means ARI)",
                 "Fig. 3a: roughly proportional",
-                ("LPS Spearman ρ", m["mean_spearman"]),
+                (label, mean),
                 ("no relation", 0.0),
                 noise,
             )
@@ -560,10 +605,12 @@ def format_lps_bench(
     if "transferability" in ev:
         lines += [
             "**Transferability (Fig. 3a):** mean Spearman ρ between a query's similarity to every other "
-            "model and that model's k-means ARI on the query task's test images",
+            "model and that model's k-means ARI on the query task's test images; over all other models "
+            "(the query's own task's models included) and over the other tasks' models only (the paper's "
+            "setting: a model of one task applied to another)",
             "",
-            "| method | mean ρ | std over queries |",
-            "|---|---|---|",
+            "| method | mean ρ, all | std over queries | mean ρ, other tasks only | std over queries |",
+            "|---|---|---|---|---|",
         ]
         rows = [(_NAMES[k], m) for k, m in ev["transferability"]["methods"].items()]
         rows += [
@@ -572,9 +619,11 @@ def format_lps_bench(
             if "transferability" in v
         ]
         for title_, m in rows:
-            rho = "—" if m["mean_spearman"] is None else f"{m['mean_spearman']:+.3f}"
-            sd = "—" if m["std_spearman"] is None else f"{m['std_spearman']:.3f}"
-            lines.append(f"| {title_} | {rho} | {sd} |")
+            cells = []
+            for suffix in ("", "_other_tasks"):
+                rho, sd = m.get(f"mean_spearman{suffix}"), m.get(f"std_spearman{suffix}")
+                cells += ["—" if rho is None else f"{rho:+.3f}", "—" if sd is None else f"{sd:.3f}"]
+            lines.append(f"| {title_} | " + " | ".join(cells) + " |")
         lines.append("")
     if "branches" in ev:
         top1 = ev["branches"]["top1"]

@@ -15,7 +15,10 @@ batch order; the task's data split is the same for all of them)::
 * ``retrieval`` (Sec. 5.2, Table 2): 4/5 of the tasks train, 2 query models per held-out task, the
   other models of the held-out tasks are the gallery; rank-1/5/10 and mAP;
 * ``transferability`` (Sec. 5.3, Fig. 3a): Spearman correlation between a query model's similarity to
-  every other model and that model's k-means ARI on the query task's test images;
+  every other model and that model's k-means ARI on the query task's test images, reported twice: over
+  every other model (``mean_spearman``, which includes the other models of the query's own task) and
+  over the models of the other tasks only (``mean_spearman_other_tasks``, the paper's setting: a model
+  trained on one task applied to another);
 * ``branches`` (Sec. 5.4, Fig. 3b): task classification top-1 with one branch at a time;
 * ``alignment`` (Sec. 5.5, Fig. 3c): the same on branches >= 2 with both / filter / channel / no alignment.
 
@@ -691,7 +694,13 @@ class _Evaluator:
 
     def transferability(self) -> dict[str, Any]:
         """Sec. 5.3 / Fig. 3a: per query model, Spearman(similarity to each other model, that model's ARI of
-        k-means with 2 clusters on its penultimate features of the query task's test images)."""
+        k-means with 2 clusters on its penultimate features of the query task's test images).
+
+        Two candidate pools per query: every other model (``mean_spearman``), and only the models of the
+        other tasks (``mean_spearman_other_tasks``). The query's own task's models were trained on the
+        very task they cluster, so they have both a high ARI and (if LPS works at all) a high similarity;
+        in the first pool they alone can make rho positive. The paper applies a model of one task to
+        another, i.e. the second pool."""
         s = self.splits
         key = (
             str(self.ms.root.resolve()),
@@ -704,19 +713,14 @@ class _Evaluator:
             _ARI_MEMO[key] = _ari_table(self.ms, s.ret_test_tasks, self.cfg, self.progress)
         ari = _ARI_MEMO[key]  # [held-out tasks, N]
         methods = {}
+        labels = self.ms.labels.tolist()
         for kind in ("random", *self._second_order()):
             emb = self.embeddings(kind)
-            rhos = []
-            for q in s.query.tolist():
-                others = torch.tensor([j for j in range(len(emb)) if j != q])
-                sims = similarity_matrix(emb[q : q + 1], emb[others])[0]
-                rho = _rank_correlation(sims, ari[s.ret_test_tasks.index(int(self.ms.labels[q])), others])
-                if rho is not None:
-                    rhos.append(rho)
+            queries = s.query.tolist()
+            ari_rows = [ari[s.ret_test_tasks.index(labels[q])] for q in queries]
             methods[kind] = {
-                "mean_spearman": statistics.fmean(rhos) if rhos else None,
-                "std_spearman": statistics.pstdev(rhos) if rhos else None,
-                "queries": len(rhos),
+                **_query_rhos(emb, queries, ari_rows, labels, own_task=True),
+                **_query_rhos(emb, queries, ari_rows, labels, own_task=False, suffix="_other_tasks"),
             }
         mean_ari = {self.ms.tasks[t]: float(ari[i].mean()) for i, t in enumerate(s.ret_test_tasks)}
         return {"ari_images": self.cfg.ari_images, "mean_ari_per_task": mean_ari, "methods": methods}
@@ -744,6 +748,34 @@ class _Evaluator:
 
 
 _ARI_MEMO: dict[tuple, torch.Tensor] = {}
+
+
+def _query_rhos(
+    emb: torch.Tensor,
+    queries: Sequence[int],
+    ari_rows: Sequence[torch.Tensor],
+    labels: Sequence[int],
+    *,
+    own_task: bool,
+    suffix: str = "",
+) -> dict[str, Any]:
+    """Mean and (population) std over the queries of Spearman(cosine similarity of the query's embedding
+    to each candidate's, the candidate's ARI on the query task). Candidates: every model but the query;
+    without ``own_task``, also none of the query's task. Keys ``mean_spearman``, ``std_spearman``,
+    ``queries`` (those with a defined rho), each with ``suffix``."""
+    rhos = []
+    for q, ari_row in zip(queries, ari_rows, strict=True):
+        pool = [j for j in range(len(emb)) if j != q and (own_task or labels[j] != labels[q])]
+        others = torch.tensor(pool, dtype=torch.long)
+        sims = similarity_matrix(emb[q : q + 1], emb[others])[0]
+        rho = _rank_correlation(sims, ari_row[others])
+        if rho is not None:
+            rhos.append(rho)
+    return {
+        f"mean_spearman{suffix}": statistics.fmean(rhos) if rhos else None,
+        f"std_spearman{suffix}": statistics.pstdev(rhos) if rhos else None,
+        f"queries{suffix}": len(rhos),
+    }
 
 
 def _ari_table(ms: ModelSet, tasks: Sequence[int], cfg: EvalConfig, progress: bool) -> torch.Tensor:
@@ -876,10 +908,11 @@ def format_summary(report: dict[str, Any]) -> str:
     if "retrieval" in report:
         table("task retrieval (%)", report["retrieval"], [*(f"rank{k}" for k in TOP_K), "map"])
     if "transferability" in report:
-        lines.append(f"\n{'transferability (Spearman)':<30}{'mean':>9}")
+        lines.append(f"\n{'transferability (Spearman)':<30}{'all':>9}{'other tasks':>13}")
         for kind, m in report["transferability"]["methods"].items():
-            rho = "n/a" if m["mean_spearman"] is None else f"{m['mean_spearman']:+.3f}"
-            lines.append(f"{names[kind]:<30}{rho:>9}")
+            rho = _rho(m.get("mean_spearman"))
+            other = _rho(m.get("mean_spearman_other_tasks"))
+            lines.append(f"{names[kind]:<30}{rho:>9}{other:>13}")
     if "branches" in report:
         b = report["branches"]
         lines.append(
@@ -892,6 +925,10 @@ def format_summary(report: dict[str, Any]) -> str:
         for alignment, values in a["top1"].items():
             lines.append(f"{alignment:<30}" + "".join(_cell(v, 7) for v in values))
     return "\n".join(lines)
+
+
+def _rho(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
 
 
 def _cell(value: float, width: int = 9) -> str:

@@ -48,6 +48,15 @@ HSCORE_RTOL = 1e-10
 # the boundary (alpha -> inf: the features do not help that class) the iteration would otherwise
 # overflow before the evidence change falls below the tolerance.
 _LOGME_BOUND = 1e150
+# LogME reads the spectrum of F^T F from the eigendecomposition of the d x d Gram matrix instead of the
+# thin SVD of the n x d features when n >= LOGME_GRAM_RATIO * d (3-4x faster there; see _logme_spectrum).
+LOGME_GRAM_RATIO = 4
+# ... and only when the Gram matrix is this well conditioned (its eigenvalues then carry >= ~7 digits)
+# and no class is fitted almost exactly by a linear function of the features (its least-squares residual
+# at least this fraction of the class size): near an exact fit the evidence grows with beta until round-off
+# in the residual stops it, and the normal equations' residual is the less accurate one.
+_LOGME_GRAM_MIN_RATIO = 1e-8
+_LOGME_GRAM_MIN_RESIDUAL = 1e-6
 
 
 def _as_numpy(x: object, name: str, score: str) -> np.ndarray:
@@ -73,10 +82,16 @@ def _as_matrix(x: object, name: str, score: str, shape_hint: str) -> torch.Tenso
         raise UserError(f"{score}: {name} must be 2-D {shape_hint}; got shape {tuple(arr.shape)}{hint}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise UserError(f"{score}: {name} is empty (shape {tuple(arr.shape)}); pass at least one example")
-    out = torch.from_numpy(arr.astype(np.float64))
-    bad = int((~torch.isfinite(out)).sum())
-    if bad:
-        raise UserError(f"{score}: {name} contains {bad} NaN or infinite values; remove or fix them first")
+    # float64 input is used in place (never written to); anything else, or a read-only array, is copied
+    out = torch.from_numpy(arr.astype(np.float64, copy=not arr.flags.writeable))
+    # One pass without temporaries: a NaN or an infinity makes the sum non-finite. Only then (or when
+    # huge finite values overflow it) count them element by element.
+    if not math.isfinite(float(out.sum())):
+        bad = int((~torch.isfinite(out)).sum())
+        if bad:
+            raise UserError(
+                f"{score}: {name} contains {bad} NaN or infinite values; remove or fix them first"
+            )
     return out
 
 
@@ -117,6 +132,7 @@ class LogMEFit:
         beta: the noise precision ``beta`` at the maximum, one per class.
         iterations: fixed-point updates done (the most over the classes).
         converged: per class, whether its evidence met the tolerance within ``max_iter`` updates.
+        solver: ``"svd"`` or ``"gram"``, how the spectrum of ``F^T F`` was computed (see :func:`logme`).
     """
 
     score: float
@@ -125,6 +141,7 @@ class LogMEFit:
     beta: list[float]
     iterations: int
     converged: list[bool]
+    solver: str = "svd"
 
 
 def _logme_evidence(
@@ -180,7 +197,57 @@ def _warn_unconverged(fit: LogMEFit, tol: float, max_iter: int) -> None:
         )
 
 
-def _fit_logme(features: ArrayLike, labels: ArrayLike, tol: float, max_iter: int) -> LogMEFit:
+def _logme_spectrum(
+    f: torch.Tensor, onehot: torch.Tensor, solver: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """``sq``, ``proj``, ``perp`` of :func:`_logme_evidence` (the nonzero eigenvalues of ``F^T F``, the
+    labels in the matching left singular vectors, the squared norm of their part outside them) and the
+    solver that computed them.
+
+    ``"svd"``: the thin SVD of ``F``. ``"gram"``: the eigendecomposition of ``G = F^T F`` (``d x d``,
+    3-4x faster for ``n >> d``) with ``U = F V S^-1`` never formed: ``proj = V^T F^T Y / s`` and
+    ``perp = ||Y - F V S^-2 V^T F^T Y||^2`` computed directly (not as ``||Y||^2 - ||proj||^2``, which
+    cancels). Forming ``G`` squares the condition number: an eigenvalue ``lam`` of ``G`` is only known to
+    about ``eps * lam_max / lam`` relatively, against ``eps * s_max / s`` for the singular value, and
+    whether a small one is zero cannot be told. So the Gram path is used only when every eigenvalue of
+    ``G`` (all-zero feature columns left out: they are exact null directions) is at least
+    ``_LOGME_GRAM_MIN_RATIO * lam_max`` and no class is fitted almost exactly (least-squares residual
+    below ``_LOGME_GRAM_MIN_RESIDUAL`` times the class size); otherwise (near-collinear or badly scaled
+    features, near-interpolated labels) the SVD is used. ``"auto"`` tries the Gram path when
+    ``n >= LOGME_GRAM_RATIO * d``.
+    """
+    n, d = f.shape
+    eps = torch.finfo(torch.float64).eps
+    if solver not in ("auto", "svd", "gram"):
+        raise ValueError(f"solver must be auto, svd or gram; got {solver!r}")
+    if solver == "gram" or (solver == "auto" and n >= LOGME_GRAM_RATIO * d):
+        used = f[:, (f != 0).any(0)]
+        if used.shape[1] == 0:
+            raise UserError(
+                "logme: features are all zero; pass the source model's features on the target data"
+            )
+        lam, v = torch.linalg.eigh(used.T @ used)  # ascending; O(n d^2) for G, O(d^3) for eigh
+        if float(lam[0]) >= _LOGME_GRAM_MIN_RATIO * float(lam[-1]):
+            s = lam.sqrt()
+            proj = (v.T @ (used.T @ onehot)) / s[:, None]  # U^T Y with U = F V / s
+            perp = ((onehot - used @ (v @ (proj / s[:, None]))) ** 2).sum(0)
+            if bool((perp >= _LOGME_GRAM_MIN_RESIDUAL * onehot.sum(0)).all()):
+                return lam, proj, perp, "gram"
+    u, s, _ = torch.linalg.svd(f, full_matrices=False)  # O(n d min(n, d)); V is never needed
+    if float(s[0]) == 0.0:
+        raise UserError("logme: features are all zero; pass the source model's features on the target data")
+    # A singular value at round-off level adds log(alpha + beta s^2) ~= log(alpha) to log|A|, like a
+    # null-space direction: count it as one.
+    keep = s > s[0] * max(n, d) * eps
+    u, sq = u[:, keep], s[keep] ** 2
+    proj = u.T @ onehot  # [r, K]
+    perp = ((onehot - u @ proj) ** 2).sum(0)
+    return sq, proj, perp, "svd"
+
+
+def _fit_logme(
+    features: ArrayLike, labels: ArrayLike, tol: float, max_iter: int, solver: str = "auto"
+) -> LogMEFit:
     score = "logme"
     f = _as_matrix(features, "features", score, "[n, d]")
     n, d = f.shape
@@ -189,17 +256,7 @@ def _fit_logme(features: ArrayLike, labels: ArrayLike, tol: float, max_iter: int
     if not (tol > 0 and max_iter >= 1):
         raise UserError(f"{score}: need tol > 0 and max_iter >= 1; got tol={tol}, max_iter={max_iter}")
     onehot = torch.nn.functional.one_hot(y, num_classes).to(torch.float64)  # [n, K]
-    u, s, _ = torch.linalg.svd(f, full_matrices=False)  # O(n d min(n, d)); V is never needed
-    if float(s[0]) == 0.0:
-        raise UserError(
-            f"{score}: features are all zero; pass the source model's features on the target data"
-        )
-    # A singular value at round-off level adds log(alpha + beta s^2) ~= log(alpha) to log|A|, like a
-    # null-space direction: count it as one.
-    keep = s > s[0] * max(n, d) * torch.finfo(torch.float64).eps
-    u, sq = u[:, keep], s[keep] ** 2
-    proj = u.T @ onehot  # [r, K]
-    perp = ((onehot - u @ proj) ** 2).sum(0)
+    sq, proj, perp, used_solver = _logme_spectrum(f, onehot, solver)
 
     alpha = torch.ones(num_classes, dtype=torch.float64)
     beta = torch.ones(num_classes, dtype=torch.float64)
@@ -226,6 +283,7 @@ def _fit_logme(features: ArrayLike, labels: ArrayLike, tol: float, max_iter: int
         beta=beta.tolist(),
         iterations=iterations,
         converged=(~active).tolist(),
+        solver=used_solver,
     )
 
 
@@ -248,7 +306,12 @@ def logme(features: ArrayLike, labels: ArrayLike, tol: float = 1e-10, max_iter: 
         beta <- (n - gamma) / ||F m - y||^2,
 
     with ``s_i^2`` the eigenvalues of ``F^T F`` from one thin SVD of ``F``, so the cost is
-    ``O(n d min(n, d))`` and ``n < d`` is fine. LogME is ``1/K sum_c L_c(alpha_c*, beta_c*) / n``.
+    ``O(n d min(n, d))`` and ``n < d`` is fine. For ``n >= LOGME_GRAM_RATIO * d`` they come from the
+    eigendecomposition of the ``d x d`` Gram matrix ``F^T F`` instead (2-3x faster for n = 5000,
+    d = 64-512), but only when it is well conditioned and no class is fitted almost exactly; otherwise,
+    and always for ``n < 4 d``, from the SVD (:attr:`LogMEFit.solver` says which). On the tests the two
+    agree to 1e-9 in every class's evidence / n where the Gram path is taken.
+    LogME is ``1/K sum_c L_c(alpha_c*, beta_c*) / n``.
     Features are used as given (no centring, no bias column), as in the paper.
 
     The maximum can lie on the boundary: ``alpha -> inf`` (``m -> 0``) when the features do not help a
@@ -333,12 +396,16 @@ def leep(source_probs: ArrayLike, labels: ArrayLike, num_target_classes: int | N
             f"{score}: rows of source_probs must sum to 1 (row {worst} sums to {worst_sum:.6g}); "
             "pass softmax probabilities (torch.softmax(logits, dim=1)), not logits"
         )
-    theta = theta / row_sums[:, None]
-    joint = torch.zeros(num_classes, theta.shape[1], dtype=torch.float64).index_add_(0, y, theta) / n
+    # Two [n, Z] x K matmuls and no [n, Z] temporary: the renormalisation theta_i / s_i (s_i the row sum)
+    # is folded into the one-hot matrix, P(y, z) = (one_hot(y) / s)^T theta / n, and the expected
+    # prediction of example i is (theta P(.|.)^T)[i, y_i] / s_i. (Gathering P(y_i | .) for every example,
+    # as ``conditional[y]``, and the normalised copy of theta took three quarters of the time.)
+    onehot = torch.nn.functional.one_hot(y, num_classes).to(torch.float64) / row_sums[:, None]  # [n, K]
+    joint = onehot.T @ theta / n  # [K, Z]
     marginal = joint.sum(0)
     conditional = torch.where(marginal > 0, joint / marginal.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
     # sum_z P(y_i|z) theta_iz >= theta_iz^2 / (n P(z)) > 0 for some z, so the log is finite.
-    expected = (theta * conditional[y]).sum(1)
+    expected = (theta @ conditional.T).gather(1, y[:, None])[:, 0] / row_sums
     return float(expected.log().mean())
 
 
