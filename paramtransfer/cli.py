@@ -206,8 +206,9 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--source",
         default="fashion[0-4]",
-        help="source: a task spec to pretrain on (cached), or a saved model directory "
-        "(default: fashion[0-4])",
+        help="source: a task spec to pretrain on (cached), e.g. fashion[0-4], digits, folder:PATH, npz:PATH; "
+        "or a saved model directory, written as a path (with a /, or starting with . or ~, e.g. ./fashion, "
+        "or a .safetensors file): a bare word is always a task spec (default: fashion[0-4])",
     )
     p.add_argument(
         "--source-epochs", type=_positive_int, default=3, help="epochs to pretrain the source (default: 3)"
@@ -617,7 +618,8 @@ def _check_run_out(args: argparse.Namespace, train: dict, data: dict, method_opt
 
 
 def _effective_arch(source: str, arch: str | None) -> str:
-    """``--arch`` if given, else the architecture of a saved source, else lenet."""
+    """``--arch`` if given, else the architecture of a saved source (a path, see
+    :func:`paramtransfer.models.store.is_model_path`; a task spec never is one), else lenet."""
     from paramtransfer.models.store import saved_arch
 
     return arch or saved_arch(source) or "lenet"

@@ -10,9 +10,11 @@ what only a process shows: a closed stdout, an interpreter-level failure). Add e
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -172,6 +174,46 @@ def _cli_report_dir(results: dict | list | str | None, runs: list) -> Callable[[
 
 def _cli_report_valid(tmp: Path, saved: Path) -> list[str]:
     return _cli_report_dir(None, [_cli_result("scratch"), _cli_result("finetune")])(tmp, saved)
+
+
+def _store_copy(tmp: Path, saved: Path, edit: Callable[[Path], object] | None = None) -> Path:
+    """A copy of the saved source in ``tmp`` (the fixture's is shared), changed by ``edit``."""
+    d = shutil.copytree(saved, tmp / "model")
+    if edit is not None:
+        edit(d)
+    return d
+
+
+def _store_meta(**changes: object) -> Callable[[Path], object]:
+    """An edit of meta.json: top-level keys, or ``arch_kwargs`` entries given as ``kw_NAME=V``."""
+
+    def edit(d: Path) -> None:
+        meta = json.loads((d / "meta.json").read_text())
+        kwargs = {k[3:]: v for k, v in changes.items() if k.startswith("kw_")}
+        meta.update({k: v for k, v in changes.items() if not k.startswith("kw_")})
+        meta["arch_kwargs"] = {**meta["arch_kwargs"], **kwargs}
+        (d / "meta.json").write_text(json.dumps(meta))
+
+    return edit
+
+
+def _store_truncate(d: Path) -> None:
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _store_flip_a_bit(d: Path) -> None:
+    data = bytearray((d / "model.safetensors").read_bytes())
+    data[-1] ^= 0x01
+    (d / "model.safetensors").write_bytes(bytes(data))
+
+
+def _store_source(edit: Callable[[Path], object] | None = None) -> Callable[[Path, Path], list[str]]:
+    """``run finetune`` from a damaged copy of the saved source."""
+    return lambda tmp, saved: [*RUN, "--method", "finetune", "--source", str(_store_copy(tmp, saved, edit))]
+
+
+_STORE_RAY = importlib.util.find_spec("ray") is not None
 
 
 CASES: list[Case] = [
@@ -371,6 +413,35 @@ CASES: list[Case] = [
         "remove or fix it",
     ),
     # ---- sources, caches and weights -------------------------------------------------------------
+    Case("saved-weights-truncated", _store_source(_store_truncate), "model.safetensors"),
+    Case("saved-weights-hash-mismatch", _store_source(_store_flip_a_bit), "sha256"),
+    Case(
+        "saved-weights-truncated-old-meta",
+        _store_source(lambda d: (_store_meta(weights_sha256=None)(d), _store_truncate(d))),
+        "not a readable safetensors file",
+    ),
+    Case(
+        "saved-meta-garbage",
+        _store_source(lambda d: (d / "meta.json").write_text("{not json")),
+        "meta.json is not valid JSON",
+    ),
+    Case(
+        "saved-meta-missing-keys",
+        _store_source(lambda d: (d / "meta.json").write_text('{"arch": "lenet"}')),
+        "lacks num_classes, in_shape, arch_kwargs",
+    ),
+    Case("saved-meta-absurd-hidden", _store_source(_store_meta(kw_hidden=20_000_000)), "parameters"),
+    Case("saved-meta-float-hidden", _store_source(_store_meta(kw_hidden=2e7)), "positive integer"),
+    Case("saved-meta-unknown-arch-kwarg", _store_source(_store_meta(kw_depth=38)), "'depth'"),
+    Case("saved-meta-unknown-arch", _store_source(_store_meta(arch="vgg99")), "vgg99"),
+    Case("saved-weights-wrong-shapes", _store_source(_store_meta(kw_hidden=32)), "does not fit"),
+    Case(
+        "source-path-missing",
+        _plain(*RUN, "--method", "finetune", "--source", "./nope"),
+        "no saved model at ./nope",
+    ),
+    Case("source-unknown-spec", _plain(*RUN, "--method", "finetune", "--source", "nosuchspec"), "nosuchspec"),
+    Case("pretrain-on-a-path", _plain("pretrain", "--source", "./nope"), "pretrain trains on a task spec"),
     # ---- output folders and result files ---------------------------------------------------------
     Case(
         "run-out-holds-another-method",
@@ -432,6 +503,21 @@ CASES: list[Case] = [
     Case("closed-stdout", _cli_report_valid, "pipe was closed", process=True, stdin_closed_stdout=True),
     # ---- methods and models ----------------------------------------------------------------------
     # ---- processes and executors -----------------------------------------------------------------
+    Case(
+        "ray-unreachable-address",
+        _plain("compare", "--executor", "ray", "--address", "127.0.0.1:1", "--quiet"),
+        "127.0.0.1:1" if _STORE_RAY else "paramtransfer[ray]",
+    ),
+    Case(
+        "ray-client-unreachable-address",
+        _plain("compare", "--executor", "ray", "--address", "ray://127.0.0.1:1", "--quiet"),
+        "ray://127.0.0.1:1" if _STORE_RAY else "paramtransfer[ray]",
+    ),
+    Case(
+        "ray-unreadable-address",
+        _plain("compare", "--executor", "ray", "--address", "host:port", "--quiet"),
+        "--address host:port" if _STORE_RAY else "paramtransfer[ray]",
+    ),
 ]
 
 

@@ -8,7 +8,8 @@
   raises stops the sweep with its message;
 * a ``paramtransfer compare`` killed with SIGKILL after its first finished run leaves only complete
   ``result.json`` files; the same command then completes the sweep, with the uninterrupted results;
-* a model set built on Ray equals the in-process one.
+* a model set built on Ray equals the in-process one;
+* an address where no Ray answers (``HOST:PORT`` or ``ray://``) ends in seconds with one error line.
 """
 
 from __future__ import annotations
@@ -144,6 +145,24 @@ def ray_executor():
             os.environ["PYTHONPATH"] = old
     yield ex
     ex.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1"])
+def test_an_unreachable_ray_address_fails_fast_in_one_line(address: str, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PARAMTRANSFER_HOME": str(tmp_path / "home")}
+    cmd = [sys.executable, "-m", "paramtransfer", "compare", "--executor", "ray", "--address", address]
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert time.monotonic() - t0 < 30
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr  # none of Ray's own log lines
+    assert lines[0].startswith("paramtransfer: error: ") and address in lines[0], proc.stderr
+    assert "paramtransfer[ray]" in lines[0] or "ray start --head" in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def _die_once(job: dict) -> int:

@@ -23,11 +23,12 @@ from typing import Any
 
 from paramtransfer.errors import UserError, warn_user
 from paramtransfer.experiments.executors import Executor, make_executor
+from paramtransfer.experiments.run import LOCK as RUN_LOCK
 from paramtransfer.experiments.run import RESULT, RunResult, train_model
 from paramtransfer.methods.base import METHODS, make_config, make_method, parse_method_spec, split_method_list
 from paramtransfer.models.layered import LayeredNet
-from paramtransfer.models.store import resolve_source
-from paramtransfer.train.checkpoint import atomic_write_bytes, atomic_write_json
+from paramtransfer.models.store import is_model_path, resolve_source
+from paramtransfer.train.checkpoint import atomic_write_bytes, atomic_write_json, hold_lock
 
 DEMO_METHODS = "scratch,linear_probe,finetune,finetune[freeze=all],l2sp"
 
@@ -405,9 +406,11 @@ def compare(
     """Run the grid, select learning rates on validation, write ``results.json``, ``table.md`` and plots.
 
     Finished runs (complete ``result.json`` with the same settings) are reused, so re-running a
-    killed comparison only does what is missing. ``executor`` runs the missing runs (``local``, the
-    default, in this process; ``ray``, or an :class:`Executor`, one Ray task each); each run's
-    ``result.json`` is written as soon as it finishes. Returns the content of ``results.json``.
+    killed comparison only does what is missing. The same comparison started twice into one ``out`` is
+    safe: each run folder is locked while a process trains it (the other waits and reuses the result).
+    ``executor`` runs the missing runs (``local``, the default, in this process; ``ray``, or an
+    :class:`Executor`, one Ray task each); each run's ``result.json`` is written as soon as it finishes.
+    Returns the content of ``results.json``.
     """
     from paramtransfer.report import write_report
 
@@ -433,7 +436,7 @@ def compare(
     def source_for(arch_kwargs: dict[str, Any]) -> LayeredNet | None:
         key = json.dumps(arch_kwargs, sort_keys=True)
         if key not in sources:
-            if source is not None or Path(config.source).expanduser().exists():
+            if source is not None or is_model_path(config.source):
                 raise UserError(
                     "arch. options retrain the source with another architecture; they need the source "
                     f"as a task spec (e.g. fashion[0-4]), not a saved model ({config.source})"
@@ -481,9 +484,12 @@ def compare(
         "selected": select(done),
         "runs": [r.to_dict() for r in done],
     }
-    atomic_write_json(root / "results.json", summary)
-    atomic_write_bytes(root / "config.yaml", dump_compare_config(config).encode())
-    write_report(summary, root)
+    # one writer at a time: the plots are not written atomically, and two processes of the same
+    # comparison (started twice) both end here
+    with hold_lock(root / RUN_LOCK):
+        atomic_write_json(root / "results.json", summary)
+        atomic_write_bytes(root / "config.yaml", dump_compare_config(config).encode())
+        write_report(summary, root)
     return summary
 
 

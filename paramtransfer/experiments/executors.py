@@ -15,7 +15,11 @@ read the data and write their checkpoints and results under the output directory
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
+import socket
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -74,17 +78,30 @@ class RayExecutor:
         self.address = address
         self.cpus_per_job = cpus_per_job
         self.max_retries = max_retries
+        target = _parse_address(address) if address is not None else None
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+            if target is not None:
+                _check_reachable(address, *target)
+            kwargs: dict[str, Any] = {
+                "include_dashboard": False,
+                "log_to_driver": False,  # a job's failure comes back as its exception, not as log lines
+                "logging_level": logging.ERROR,  # no "Started a local Ray instance" and the like
+            }
             if address is None:
                 kwargs["num_cpus"] = num_cpus
                 # workers import paramtransfer from wherever the driver does (a source checkout, too)
                 kwargs["runtime_env"] = {"env_vars": _worker_env()}
             try:
                 ray.init(address=address, **kwargs)
-            except (ConnectionError, ValueError, RuntimeError) as err:
+            except (ConnectionError, ValueError, RuntimeError, TimeoutError) as err:
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+                if address is None:
+                    raise UserError(
+                        f"cannot start a local Ray: {first}; check `ray status` or run without --executor ray"
+                    ) from None
                 raise UserError(
-                    f"cannot start or reach Ray at {address or 'a local instance'}: {err}"
+                    f"cannot reach Ray at {address}: {first}; start a cluster there (`ray start --head`), "
+                    "fix --address, or drop --address to run a local Ray"
                 ) from None
 
     def map(self, fn: Callable[[Any], Any], jobs: Sequence[Any]) -> Iterator[tuple[int, Any]]:
@@ -118,6 +135,49 @@ class RayExecutor:
     def shutdown(self) -> None:
         if self.address is None and self._ray.is_initialized():
             self._ray.shutdown()
+
+
+# How long the reachability check of --address waits for a TCP connection; Ray itself retries an address
+# nobody answers on for minutes, printing a warning every few seconds.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _parse_address(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``--address`` (``None`` for ``auto``, which Ray resolves and fails fast on);
+    a :class:`UserError` for an address Ray cannot use, e.g. ``ray://`` without Ray Client installed."""
+    if address == "auto":
+        return None
+    client = address.startswith("ray://")
+    if client and importlib.util.find_spec("grpc") is None:
+        raise UserError(
+            f"--address {address} connects through Ray Client, which needs ray[client] (grpcio); "
+            "pip install 'paramtransfer[ray]'"
+        )
+    rest = address[len("ray://") :] if client else address
+    try:
+        parts = urllib.parse.urlsplit("//" + rest)
+        host, port = parts.hostname, parts.port or (10001 if client else 6379)
+    except ValueError:
+        host = None
+    if not host or "/" in rest:
+        raise UserError(f"cannot read --address {address}; write HOST:PORT, ray://HOST:PORT or auto")
+    return host, port
+
+
+def _check_reachable(address: str, host: str, port: int) -> None:
+    """Fail fast, in one line, where nothing accepts a TCP connection at ``host:port`` (Ray itself would
+    retry for minutes, printing warnings)."""
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        if isinstance(err, TimeoutError):
+            reason = f"no answer within {CONNECT_TIMEOUT_S:g} s"
+        else:
+            reason = (err.strerror or type(err).__name__).lower()
+        raise UserError(
+            f"cannot reach Ray at {address} ({reason}); start a cluster "
+            "there (`ray start --head`), fix --address, or drop --address to run a local Ray"
+        ) from None
 
 
 def child_pythonpath() -> str:

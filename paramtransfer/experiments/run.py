@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,12 @@ from paramtransfer.methods.base import Method, make_config, make_method
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import save_model
 from paramtransfer.models.zoo import build_model
-from paramtransfer.train.checkpoint import atomic_write_json
+from paramtransfer.train.checkpoint import atomic_write_json, hold_lock, remove_stale_temps
 from paramtransfer.train.trainer import TrainConfig, evaluate, fit, to_memory_format, uses_channels_last
 
 RESULT = "result.json"
 CHECKPOINT = "checkpoint.pt"
+LOCK = ".lock"  # held by the process that trains the run in that folder (see train_model)
 
 
 @dataclass
@@ -130,6 +132,8 @@ def train_model(
 
     With ``out`` the run checkpoints every epoch to ``out/checkpoint.pt``, resumes from it if killed,
     writes ``out/result.json`` atomically, and returns the existing result if it is already complete.
+    The process that trains the run holds the lock ``out/.lock``: another process asked for the same run
+    waits for it, then returns the finished result (or resumes the run if the holder died).
     ``variant`` is the name the run is recorded under (default: the method's variant name).
     With ``reuse_only`` nothing trains: the result is the complete one under ``out``, or ``None``.
     """
@@ -171,91 +175,118 @@ def train_model(
     identity = [variant, task.spec, seed, run_arch, config, _source_identity(source)]
     fingerprint = _fingerprint(identity, omit_defaults=True)
     out_dir = Path(out) if out is not None else None
-    if out_dir is not None and (out_dir / RESULT).is_file():
-        try:
-            old = RunResult.load(out_dir / RESULT)
-        except (ValueError, TypeError, KeyError, AttributeError):  # not a result: run again
-            old = None
-        # results written before the omission of observational defaults carry the full fingerprint
-        if old is not None and old.fingerprint in (fingerprint, _fingerprint(identity, omit_defaults=False)):
-            return old, None
+    # results written before the omission of observational defaults carry the full fingerprint
+    fingerprints = (fingerprint, _fingerprint(identity, omit_defaults=False))
+    old = _finished(out_dir, fingerprints)
+    if old is not None:
+        return old, None
     if reuse_only:
         return None, None
 
-    t0 = time.perf_counter()
-    common = dict(method=variant, source=_source_name(source), target=task.spec, arch=run_arch, seed=seed)
-    if not m.trains:
-        res = m.fit_evaluate(source, task, seed)
-        result = RunResult(
-            **common,
-            config=config,
-            val_accuracy=res["val_accuracy"],
-            test_accuracy=res["test_accuracy"],
-            wall_time_s=time.perf_counter() - t0,
-            diagnostics={"classes": list(task.classes), **res["diagnostics"]},
-            fingerprint=fingerprint,
-        )
-        model = None
-    else:
-        assert train_cfg is not None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if source is None and arch is not None and not m.needs_source:  # scratch without a source
-                model = build_model(
-                    arch, task.num_classes, in_shape=in_shape, seed=seed, **(arch_kwargs or {})
-                )
-            else:
-                model = m.build(source, task.num_classes, arch=run_arch, in_shape=in_shape, seed=seed)
-            outcome = fit(
-                model,
-                m,
-                task,
-                train_cfg,
-                seed=seed,
-                checkpoint=out_dir / CHECKPOINT if out_dir is not None else None,
+    with ExitStack() as held:
+
+        def hold_run() -> RunResult | None:
+            """Called right before the work starts (after everything that can fail on bad input): lock the
+            run folder against other processes; the result if one of them finished the run meanwhile."""
+            if out_dir is None:
+                return None
+            waiting = f"waiting for another process that is running {out_dir}"
+            held.enter_context(hold_lock(out_dir / LOCK, waiting if progress else None))
+            remove_stale_temps(out_dir)
+            remove_stale_temps(out_dir / "model")
+            return _finished(out_dir, fingerprints)
+
+        t0 = time.perf_counter()
+        common = dict(method=variant, source=_source_name(source), target=task.spec, arch=run_arch, seed=seed)
+        if not m.trains:
+            done = hold_run()
+            if done is not None:
+                return done, None
+            res = m.fit_evaluate(source, task, seed)
+            result = RunResult(
+                **common,
+                config=config,
+                val_accuracy=res["val_accuracy"],
+                test_accuracy=res["test_accuracy"],
+                wall_time_s=time.perf_counter() - t0,
+                diagnostics={"classes": list(task.classes), **res["diagnostics"]},
                 fingerprint=fingerprint,
-                progress=progress,
-                callbacks=callbacks,
             )
-        ok = not outcome.diverged
-        test_acc = None
-        if ok:
-            x_test = to_memory_format(task.test.x, uses_channels_last(model, train_cfg))
-            test_acc, _ = evaluate(m, model, x_test, task.test.y, train_cfg.eval_batch_size)
-        diagnostics = {
-            "classes": list(task.classes),
-            "trainable_params": _count(p for g in m.param_groups(model) for p in g["params"]),
-            "total_params": _count(model.parameters()),
-            "stopped_early": outcome.stopped_early,
-            "resumed_from_epoch": outcome.resumed_from_epoch,
-        }
-        if ok:
-            diagnostics.update(m.diagnostics(model, task))
-            diagnostics.update(m.summarize_history(outcome.history))
-        result = RunResult(
-            **common,
-            config=config,
-            val_accuracy=outcome.best_val_accuracy if ok else None,
-            test_accuracy=test_acc,
-            history=outcome.history,
-            wall_time_s=time.perf_counter() - t0,
-            diagnostics=diagnostics,
-            status="ok" if ok else "diverged",
-            best_epoch=outcome.best_epoch,
-            fingerprint=fingerprint,
-        )
-    if out_dir is not None:
-        if save_weights and model is not None and result.status == "ok":
-            exported = m.export(model)
-            if isinstance(exported, LayeredNet) and exported.arch not in ("custom", "wrapped"):
-                save_model(
-                    exported.to(memory_format=torch.contiguous_format),
-                    out_dir / "model",
-                    {"method": result.method},
+            model = None
+        else:
+            assert train_cfg is not None
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                if source is None and arch is not None and not m.needs_source:  # scratch without a source
+                    model = build_model(
+                        arch, task.num_classes, in_shape=in_shape, seed=seed, **(arch_kwargs or {})
+                    )
+                else:
+                    model = m.build(source, task.num_classes, arch=run_arch, in_shape=in_shape, seed=seed)
+                done = hold_run()
+                if done is not None:
+                    return done, None
+                outcome = fit(
+                    model,
+                    m,
+                    task,
+                    train_cfg,
+                    seed=seed,
+                    checkpoint=out_dir / CHECKPOINT if out_dir is not None else None,
+                    fingerprint=fingerprint,
+                    progress=progress,
+                    callbacks=callbacks,
                 )
-        result.save(out_dir / RESULT)
-        (out_dir / CHECKPOINT).unlink(missing_ok=True)
-    return result, model
+            ok = not outcome.diverged
+            test_acc = None
+            if ok:
+                x_test = to_memory_format(task.test.x, uses_channels_last(model, train_cfg))
+                test_acc, _ = evaluate(m, model, x_test, task.test.y, train_cfg.eval_batch_size)
+            diagnostics = {
+                "classes": list(task.classes),
+                "trainable_params": _count(p for g in m.param_groups(model) for p in g["params"]),
+                "total_params": _count(model.parameters()),
+                "stopped_early": outcome.stopped_early,
+                "resumed_from_epoch": outcome.resumed_from_epoch,
+            }
+            if ok:
+                diagnostics.update(m.diagnostics(model, task))
+                diagnostics.update(m.summarize_history(outcome.history))
+            result = RunResult(
+                **common,
+                config=config,
+                val_accuracy=outcome.best_val_accuracy if ok else None,
+                test_accuracy=test_acc,
+                history=outcome.history,
+                wall_time_s=time.perf_counter() - t0,
+                diagnostics=diagnostics,
+                status="ok" if ok else "diverged",
+                best_epoch=outcome.best_epoch,
+                fingerprint=fingerprint,
+            )
+        if out_dir is not None:
+            if save_weights and model is not None and result.status == "ok":
+                exported = m.export(model)
+                if isinstance(exported, LayeredNet) and exported.arch not in ("custom", "wrapped"):
+                    save_model(
+                        exported.to(memory_format=torch.contiguous_format),
+                        out_dir / "model",
+                        {"method": result.method},
+                    )
+            result.save(out_dir / RESULT)
+            (out_dir / CHECKPOINT).unlink(missing_ok=True)
+        return result, model
+
+
+def _finished(out_dir: Path | None, fingerprints: tuple[str, ...]) -> RunResult | None:
+    """The complete result under ``out_dir`` if it was made with one of these fingerprints, else ``None``."""
+    if out_dir is None or not (out_dir / RESULT).is_file():
+        return None
+    try:
+        old = RunResult.load(out_dir / RESULT)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError):  # not a result: run again
+        return None
+    return old if old.fingerprint in fingerprints else None
 
 
 def run(

@@ -1,6 +1,14 @@
 """The source store: train a source model once, cache its weights (safetensors) and metadata (JSON).
 
-Cache location: ``$PARAMTRANSFER_HOME`` (default ``~/.cache/paramtransfer``) ``/sources/<key>/``.
+Cache location: ``$PARAMTRANSFER_HOME`` (default ``~/.cache/paramtransfer``) ``/sources/<key>/``. A source
+being pretrained holds the lock ``locks/<key>.lock`` under the same root, so two processes that need the
+same source train it once: the second waits, then loads it.
+
+A ``--source`` string is a task spec or a path (:func:`is_model_path`): a task spec (``fashion``,
+``fashion[0-4]``, ``digits[...]``, ``folder:PATH``, ``npz:PATH``) always means the task; a saved model
+directory is written as a path: containing a ``/``, or starting with ``.`` or ``~`` (``./fashion``), or
+ending in ``.safetensors``. So a folder named ``fashion`` in the working directory never takes over
+``--source fashion``.
 """
 
 from __future__ import annotations
@@ -9,27 +17,57 @@ import hashlib
 import json
 import os
 import re
+import shlex
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from paramtransfer.errors import UserError
 from paramtransfer.models.layered import LayeredNet
-from paramtransfer.models.zoo import build_model
-from paramtransfer.train.checkpoint import atomic_write_json
+from paramtransfer.models.zoo import arch_problem, build_model
+from paramtransfer.train.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    hold_lock,
+    remove_stale_temps,
+)
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
+HASH_KEY = "weights_sha256"
+_REQUIRED = ("arch", "num_classes", "in_shape", "arch_kwargs")
 
 
 def home() -> Path:
     return Path(os.environ.get("PARAMTRANSFER_HOME") or Path.home() / ".cache" / "paramtransfer")
 
 
+def is_model_path(source: str) -> bool:
+    """Whether a ``--source`` string names a saved model (a path) rather than a task spec.
+
+    Task specs (``fashion``, ``digits[0-4]``, ``folder:PATH``, ``npz:PATH``) always mean the task. A path
+    contains a ``/`` (or the OS separator), or starts with ``.`` or ``~``, or ends in ``.safetensors``:
+    ``./fashion`` is the saved model in the folder ``fashion``, ``fashion`` the dataset.
+    """
+    s = source.strip()
+    if s.startswith(("folder:", "npz:")):
+        return False
+    separators = {"/", "\\", os.sep, *([os.altsep] if os.altsep else [])}
+    return any(c in s for c in separators) or s.startswith((".", "~")) or s.endswith(".safetensors")
+
+
+def _model_dir(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    return p.parent if p.suffix == ".safetensors" else p
+
+
 def save_model(model: LayeredNet, directory: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``model.safetensors`` and ``meta.json`` (architecture + ``meta``) into ``directory``."""
+    """Write ``model.safetensors`` and ``meta.json`` (architecture + ``meta`` + the weights' sha256) into
+    ``directory``. Both files are written atomically, the metadata last."""
     if model.arch in ("custom", "wrapped"):
         raise UserError(
             "only zoo architectures can be saved and rebuilt; save a wrapped model's state_dict yourself"
@@ -37,44 +75,184 @@ def save_model(model: LayeredNet, directory: str | os.PathLike, meta: dict[str, 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = d / f".{WEIGHTS}.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, d / WEIGHTS)
-    atomic_write_json(d / META, {**model.describe(), **(meta or {})})
+    data = save_safetensors(tensors)
+    atomic_write_bytes(d / WEIGHTS, data)
+    info = {**model.describe(), **(meta or {}), HASH_KEY: hashlib.sha256(data).hexdigest()}
+    atomic_write_json(d / META, info)
     return d
 
 
-def load_model(path: str | os.PathLike) -> LayeredNet:
-    """Rebuild a saved model from a directory (or its ``model.safetensors``) with ``meta.json`` beside it."""
+def _user_cure(d: Path) -> str:
+    return (
+        f"re-save it (`paramtransfer pretrain --out {shlex.quote(str(d))}` or pt.save_model), "
+        "or give another saved model or a task spec as --source"
+    )
+
+
+def _pretrain_cure(directory: Path, arch: str, spec: str, settings: dict[str, Any]) -> str:
+    """How to rebuild a cached source: the exact ``paramtransfer pretrain ... --force`` command when its
+    settings are the command's flags, else delete the folder and run the same command again."""
+    if settings.get("arch_kwargs") or settings.get("batch_size", 128) != 128:
+        return f"delete {directory} and run the same command again (it pretrains the source anew)"
+    cmd = ["paramtransfer", "pretrain", "--arch", arch, "--source", spec]
+    cmd += ["--source-epochs", str(settings.get("epochs", 3))]
+    if settings.get("limit") is not None:
+        cmd += ["--source-limit", str(settings["limit"])]
+    if settings.get("seed", 0) != 0:
+        cmd += ["--seed", str(settings["seed"])]
+    if settings.get("lr", 0.02) != 0.02:
+        cmd += ["--lr", repr(settings["lr"])]
+    return f"rebuild it: run `{shlex.join([*cmd, '--force'])}`"
+
+
+def _default_cure(d: Path) -> str:
+    """The cure for a broken saved model that :func:`load_model` was given without one."""
+    try:
+        in_cache = d.resolve().parent == (home() / "sources").resolve()
+    except OSError:
+        in_cache = False
+    if not in_cache:
+        return _user_cure(d)
+    try:  # a cached source whose meta.json still says how it was made
+        meta = json.loads((d / META).read_text())
+        return _pretrain_cure(d, str(meta["arch"]), str(meta["source"]), dict(meta["settings"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"delete {d} (a cached source) and run the same command again (it pretrains the source anew)"
+
+
+def _read_meta(d: Path, fail: Callable[[Path, str], NoReturn]) -> dict[str, Any]:
+    path = d / META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        fail(path, f"is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})")
+    except (OSError, UnicodeDecodeError) as err:
+        fail(path, f"cannot be read ({type(err).__name__}: {err})")
+    if not isinstance(meta, dict):
+        fail(path, f"must hold a JSON object, not {type(meta).__name__}")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        fail(path, f"lacks {', '.join(missing)} (a meta.json written by save_model has them)")
+    if not isinstance(meta["arch"], str) or not isinstance(meta["arch_kwargs"], dict):
+        fail(path, "must give arch as a string and arch_kwargs as an object")
+    digest = meta.get(HASH_KEY)
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        fail(path, f"has a {HASH_KEY} that is not a sha256 hex digest")
+    try:
+        problem = arch_problem(meta["arch"], meta["num_classes"], meta["in_shape"], meta["arch_kwargs"])
+    except UserError as err:  # the architecture's own check, e.g. a ResNet depth that is not 6n+2
+        problem = str(err).split("; ")[0]
+    if problem is not None:
+        fail(path, f"describes a model that is refused: {problem}")
+    return meta
+
+
+def load_model(path: str | os.PathLike, *, cure: str | None = None) -> LayeredNet:
+    """Rebuild a saved model from a directory (or its ``model.safetensors``) with ``meta.json`` beside it.
+
+    Nothing in the files is trusted: ``meta.json`` must be a JSON object with ``arch``, ``num_classes``,
+    ``in_shape`` and ``arch_kwargs`` that pass the zoo's checks (known options, positive integers, a
+    bounded parameter count, see :func:`paramtransfer.models.zoo.arch_problem`) before anything is built;
+    the weights must match the ``weights_sha256`` recorded by :func:`save_model` and hold exactly the
+    rebuilt architecture's tensors, with their shapes. A ``meta.json`` written before the hash existed
+    (no ``weights_sha256``) is accepted without the hash check. Any failure is a :class:`UserError`
+    naming the file and ``cure`` (default: re-save a user's directory; the exact ``paramtransfer pretrain
+    ... --force`` command for a cached source).
+    """
     p = Path(path).expanduser()
-    d = p.parent if p.suffix == ".safetensors" else p
+    d = _model_dir(p)
     if not (d / WEIGHTS).is_file() or not (d / META).is_file():
         raise UserError(
-            f"no saved model at {p} (expected {WEIGHTS} and {META}); create one with `paramtransfer pretrain`"
+            f"no saved model at {path} (expected {WEIGHTS} and {META} there); save one with "
+            "`paramtransfer pretrain --out DIR` or pt.save_model, or give a task spec such as fashion[0-4]"
         )
-    meta = json.loads((d / META).read_text())
+
+    def fail(file: Path, problem: str) -> NoReturn:
+        raise UserError(f"{file} {problem}; {cure or _default_cure(d)}")
+
+    meta = _read_meta(d, fail)
+    weights = d / WEIGHTS
+    try:
+        data = weights.read_bytes()
+    except OSError as err:
+        fail(weights, f"cannot be read ({type(err).__name__}: {err})")
+    if meta.get(HASH_KEY) is not None and hashlib.sha256(data).hexdigest() != meta[HASH_KEY]:
+        fail(weights, f"does not match the {HASH_KEY} in {META} (changed or truncated after it was saved)")
+    try:
+        tensors = load_safetensors(data)
+    except Exception as err:  # the parser's own error types; the bytes are not a safetensors file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        fail(weights, f"is not a readable safetensors file ({first})")
     model = build_model(
         meta["arch"], meta["num_classes"], in_shape=tuple(meta["in_shape"]), **meta["arch_kwargs"]
     )
-    model.load_state_dict(load_file(str(d / WEIGHTS)))
+    mismatch = _state_mismatch(model.state_dict(), tensors)
+    if mismatch:
+        fail(weights, f"does not fit the {meta['arch']} described in {META}: {mismatch}")
+    model.load_state_dict(tensors)
     model.source_info = meta
     return model
 
 
+def _state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """What differs between two state dicts (names, shapes, dtypes), in one short phrase; '' if nothing."""
+
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    parts = []
+    if missing:
+        parts.append(f"missing tensors {few(missing)}")
+    if extra:
+        parts.append(f"unexpected tensors {few(extra)}")
+    for k in sorted(set(expected) & set(found)):
+        e, f = expected[k], found[k]
+        if tuple(e.shape) != tuple(f.shape):
+            parts.append(f"{k} has shape {list(f.shape)}, not {list(e.shape)}")
+            break
+        if e.dtype.is_floating_point != f.dtype.is_floating_point:
+            parts.append(f"{k} has dtype {f.dtype}, not {e.dtype}")
+            break
+    return "; ".join(parts)
+
+
 def saved_arch(path: str | os.PathLike) -> str | None:
-    """The architecture recorded beside a saved model, or None if ``path`` is not a saved model."""
-    p = Path(path).expanduser()
-    d = p.parent if p.suffix == ".safetensors" else p
-    try:
-        return json.loads((d / META).read_text())["arch"]
-    except (OSError, ValueError, KeyError):
+    """The architecture recorded beside a saved model, or None if ``path`` is not a saved model (a task
+    spec, see :func:`is_model_path`, or no readable ``meta.json``)."""
+    if isinstance(path, str) and not is_model_path(path):
         return None
+    try:
+        arch = json.loads((_model_dir(path) / META).read_text())["arch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return arch if isinstance(arch, str) else None
 
 
 def source_key(arch: str, spec: str, **settings: Any) -> str:
     readable = re.sub(r"[^A-Za-z0-9]+", "-", f"{arch}-{spec}").strip("-")
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{readable}-{digest}"
+
+
+def source_settings(
+    spec: str,
+    epochs: int = 3,
+    seed: int = 0,
+    limit: int | None = None,
+    lr: float = 0.02,
+    batch_size: int = 128,
+    arch_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The settings that key a cached source (with its arch and spec, see :func:`source_key`)."""
+    settings = {"epochs": epochs, "seed": seed, "limit": limit, "lr": lr, "batch_size": batch_size}
+    settings["arch_kwargs"] = arch_kwargs or {}
+    if not spec.strip().startswith("fashion"):
+        # Datasets without an official test split changed their split rule (test images fixed per
+        # dataset, not per class selection): a source cached under the old rule must not be reused.
+        settings["test_split"] = "per-dataset"
+    return settings
 
 
 def pretrain(
@@ -103,47 +281,61 @@ def pretrain(
 
     Returns:
         The source LayeredNet; ``model.source_info`` holds its metadata (accuracies, settings, path).
+
+    Raises:
+        UserError: a damaged cached copy (see :func:`load_model`), naming the exact
+            ``paramtransfer pretrain ... --force`` command that rebuilds it.
+
+    Processes that need the same source take turns under the lock ``<cache>/locks/<key>.lock``: the first
+    trains and caches it, the others wait and load it.
     """
     from paramtransfer.experiments.run import train_model  # late import: experiments builds on models
 
-    settings = {"epochs": epochs, "seed": seed, "limit": limit, "lr": lr, "batch_size": batch_size}
-    settings["arch_kwargs"] = arch_kwargs or {}
-    if not spec.strip().startswith("fashion"):
-        # Datasets without an official test split changed their split rule (test images fixed per
-        # dataset, not per class selection): a source cached under the old rule must not be reused.
-        settings["test_split"] = "per-dataset"
-    directory = Path(cache or home()) / "sources" / source_key(arch, spec, **settings)
-    if not force and (directory / WEIGHTS).is_file() and (directory / META).is_file():
-        return load_model(directory)
-    result, model = train_model(
-        "scratch",
-        source=None,
-        target=spec,
-        arch=arch,
-        arch_kwargs=arch_kwargs or {},
-        seed=seed,
-        lr=lr,
-        epochs=epochs,
-        limit=limit,
-        train_options={"batch_size": batch_size, "patience": None},
-        progress=progress,
-    )
-    if result.status != "ok":
-        raise UserError(f"pretraining {arch} on {spec} diverged at lr={lr}; pass a smaller lr")
-    meta = {
-        "source": spec,
-        "classes": result.diagnostics.get("classes"),
-        "settings": settings,
-        "val_accuracy": result.val_accuracy,
-        "test_accuracy": result.test_accuracy,
-        "wall_time_s": result.wall_time_s,
-    }
-    save_model(model, directory, meta)
-    return load_model(directory)
+    if is_model_path(spec):
+        raise UserError(
+            f"pretrain trains on a task spec, and {spec} is a path; give a task spec such as fashion[0-4] "
+            "(a saved model is used as it is: pass it as --source to run or compare)"
+        )
+    settings = source_settings(spec, epochs, seed, limit, lr, batch_size, arch_kwargs)
+    root = Path(cache or home())
+    key = source_key(arch, spec, **settings)
+    directory = root / "sources" / key
+    cure = _pretrain_cure(directory, arch, spec, settings)
+    waiting = f"waiting for another process that is pretraining {arch} on {spec} ({directory})"
+    with hold_lock(root / "locks" / f"{key}.lock", waiting if progress else None):
+        if directory.is_dir():
+            remove_stale_temps(directory)
+        if not force and (directory / WEIGHTS).is_file() and (directory / META).is_file():
+            return load_model(directory, cure=cure)
+        result, model = train_model(
+            "scratch",
+            source=None,
+            target=spec,
+            arch=arch,
+            arch_kwargs=arch_kwargs or {},
+            seed=seed,
+            lr=lr,
+            epochs=epochs,
+            limit=limit,
+            train_options={"batch_size": batch_size, "patience": None},
+            progress=progress,
+        )
+        if result.status != "ok":
+            raise UserError(f"pretraining {arch} on {spec} diverged at lr={lr}; pass a smaller lr")
+        meta = {
+            "source": spec,
+            "classes": result.diagnostics.get("classes"),
+            "settings": settings,
+            "val_accuracy": result.val_accuracy,
+            "test_accuracy": result.test_accuracy,
+            "wall_time_s": result.wall_time_s,
+        }
+        save_model(model, directory, meta)
+        return load_model(directory, cure=cure)
 
 
 def resolve_source(
-    source: str | LayeredNet | None,
+    source: str | os.PathLike | LayeredNet | None,
     arch: str | None,
     *,
     epochs: int = 3,
@@ -153,16 +345,27 @@ def resolve_source(
     progress: bool = False,
 ) -> LayeredNet | None:
     """A source from a LayeredNet, a saved model path, or a task spec (pretrained and cached; ``arch_kwargs``
-    are the architecture's options, e.g. ``{"depth": 32}``)."""
+    are the architecture's options, e.g. ``{"depth": 32}``).
+
+    Which one a string is follows :func:`is_model_path`: ``./fashion`` is a saved model, ``fashion`` the
+    dataset, even if a folder of that name exists."""
     if source is None or isinstance(source, torch.nn.Module):
         return source
-    if Path(source).expanduser().exists():
+    if isinstance(source, os.PathLike) or is_model_path(source):
         model = load_model(source)
         if arch is not None and arch != model.arch:
             raise UserError(
                 f"the source at {source} is a {model.arch}, but --arch is {arch}; drop --arch or match it"
             )
         return model
+    from paramtransfer.data.specs import parse_spec
+
+    try:
+        parse_spec(source)
+    except UserError as err:
+        if (Path(source).expanduser() / META).is_file():
+            raise UserError(f"{err}; for the saved model in the folder {source} write ./{source}") from None
+        raise
     if arch is None:
         raise UserError(f"to pretrain a source on {source!r} give --arch (e.g. lenet)")
     return pretrain(

@@ -1,7 +1,16 @@
-"""The model zoo: lenet, resnet20, mobilenet and rnn as LayeredNets, registered by name."""
+"""The model zoo: lenet, resnet20, mobilenet and rnn as LayeredNets, registered by name.
+
+:func:`build_model` checks the options before it builds (a saved ``meta.json`` or a ``--set arch.NAME=V``
+can ask for anything): only an architecture's own options, integers that are positive, an input shape of
+at most :data:`MAX_INPUT_ELEMENTS` values, and at most :data:`MAX_PARAMS` parameters, counted on the
+``meta`` device (shapes only, nothing allocated). A factory therefore must not need real values while it
+builds: it computes shapes with arithmetic and skips weight initialisation on ``meta`` tensors.
+"""
 
 from __future__ import annotations
 
+import inspect
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -15,13 +24,12 @@ from paramtransfer.registry import Registry
 
 MODELS: Registry[Callable[..., LayeredNet]] = Registry("arch")
 
-
-def _flat_dim(blocks: list[nn.Module], in_shape: tuple[int, ...]) -> int:
-    with torch.no_grad():
-        x = torch.zeros(1, *in_shape)
-        for b in blocks:
-            x = b(x)
-    return int(x.flatten(1).shape[1])
+# A zoo net above a billion parameters (4 GB of float32 weights, 3x that while training with momentum) is a
+# typo or a corrupt meta.json on the machines this library targets; the largest sensible zoo settings
+# (e.g. resnet20 width=64 depth=110) have tens of millions.
+MAX_PARAMS = 1_000_000_000
+# Inputs up to 4M values per example (3 x 1024 x 1024 fits); larger ones are refused before building.
+MAX_INPUT_ELEMENTS = 1 << 22
 
 
 @MODELS.register("lenet")
@@ -29,12 +37,16 @@ def lenet(
     num_classes: int, in_shape: tuple[int, ...] = (1, 28, 28), width: int = 32, hidden: int = 256
 ) -> LayeredNet:
     """LeNet-like 5-layer CNN (PTU paper, setting S1): conv-conv-fc-fc blocks, then the task layer."""
-    c = in_shape[0]
+    c, h, w = in_shape
     convs: list[nn.Module] = [
         nn.Sequential(nn.Conv2d(c, width, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
         nn.Sequential(nn.Conv2d(width, 2 * width, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
     ]
-    flat = _flat_dim(convs, in_shape)
+    # two (5x5 valid convolution, 2x2 max-pool) stages, computed rather than run (see the module doc)
+    h2, w2 = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+    if h2 < 1 or w2 < 1:
+        raise UserError(f"lenet needs inputs of at least 16x16 pixels, got {h}x{w}; use in_shape=(C, 28, 28)")
+    flat = 2 * width * h2 * w2
     blocks = [
         *convs,
         nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(inplace=True)),
@@ -114,7 +126,7 @@ def resnet20(
             blocks.append(BasicBlock(cin, cout, stride=2 if stage > 0 and i == 0 else 1))
             cin = cout
     for m in nn.ModuleList(blocks).modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Conv2d) and not m.weight.is_meta:  # meta: only counting parameters
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     return LayeredNet(
         blocks,
@@ -214,6 +226,73 @@ def rnn(
     )
 
 
+def _is_positive_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+
+
+def _options(arch: str) -> dict[str, Any]:
+    """An architecture's options and their defaults, from its factory's signature."""
+    return {
+        name: p.default
+        for name, p in inspect.signature(MODELS.get(arch)).parameters.items()
+        if name not in ("num_classes", "in_shape") and p.kind is p.POSITIONAL_OR_KEYWORD
+    }
+
+
+def _input_problem(num_classes: Any, in_shape: Any) -> str | None:
+    if not _is_positive_int(num_classes):
+        return f"num_classes must be a positive integer, got {num_classes!r}"
+    if (
+        not isinstance(in_shape, (tuple, list))
+        or len(in_shape) != 3
+        or not all(_is_positive_int(v) for v in in_shape)
+    ):
+        return f"in_shape must be 3 positive integers (C, H, W), got {in_shape!r}"
+    if int(in_shape[0]) * int(in_shape[1]) * int(in_shape[2]) > MAX_INPUT_ELEMENTS:
+        return f"in_shape {tuple(in_shape)} has more than {MAX_INPUT_ELEMENTS} values per example"
+    return None
+
+
+def _options_problem(
+    arch: str, num_classes: int, in_shape: tuple[int, ...], kwargs: dict[str, Any]
+) -> str | None:
+    defaults = _options(arch)
+    for name, value in kwargs.items():
+        if name not in defaults:
+            return f"{arch} has no option {name!r} (its options: {', '.join(defaults)})"
+        default = defaults[name]
+        if isinstance(default, int) and not isinstance(default, bool) and not _is_positive_int(value):
+            return f"{arch} option {name}={value!r} must be a positive integer"
+        if isinstance(default, str) and not isinstance(value, str):
+            return f"{arch} option {name}={value!r} must be a string"
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            skeleton = MODELS.get(arch)(num_classes, in_shape=tuple(in_shape), **kwargs)
+    except UserError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as err:  # e.g. a layer that cannot take this shape
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"{arch} cannot be built with {kwargs or 'its defaults'} for inputs {tuple(in_shape)}: {first}"
+    count = sum(p.numel() for p in skeleton.parameters())
+    if count > MAX_PARAMS:
+        options = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "its defaults"
+        return f"{arch} with {options} would have {count:.3g} parameters, above the limit of {MAX_PARAMS:.0e}"
+    return None
+
+
+def arch_problem(arch: str, num_classes: Any, in_shape: Any, kwargs: dict[str, Any]) -> str | None:
+    """What is wrong with building ``arch`` with these settings (a phrase without a cure), or ``None``.
+
+    Cheap: option names and types are read from the factory's signature (an option whose default is an
+    integer must be a positive integer, one whose default is a string a string), and the parameter count
+    comes from a build on the ``meta`` device, which allocates nothing (refused above :data:`MAX_PARAMS`).
+    A factory's own :class:`UserError` (e.g. a ResNet depth that is not 6n+2) propagates.
+    """
+    if arch not in MODELS:
+        return f"unknown arch {arch!r} (known: {', '.join(MODELS.names())})"
+    return _input_problem(num_classes, in_shape) or _options_problem(arch, num_classes, in_shape, kwargs)
+
+
 def build_model(
     arch: str,
     num_classes: int,
@@ -232,19 +311,30 @@ def build_model(
         in_shape: full input shape ``(C, H, W)``; default ``(1, 28, 28)``.
         seed: if given, the initial weights depend only on it (the global RNG is left untouched).
         kwargs: architecture options (``width``, ``hidden``, ``depth``, ``cell``).
+
+    Raises:
+        UserError: unknown options, options of the wrong type, or a net above :data:`MAX_PARAMS`
+            parameters (checked before anything is allocated, see :func:`arch_problem`).
     """
     factory = MODELS.get(arch)
-    if num_classes < 1:
+    if isinstance(num_classes, numbers.Integral) and num_classes < 1:
         raise UserError(f"num_classes must be at least 1 (got {num_classes})")
     shape = tuple(in_shape) if in_shape is not None else (in_channels or 1, 28, 28)
-    try:
-        if seed is None:
-            return factory(num_classes, in_shape=shape, **kwargs)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return factory(num_classes, in_shape=shape, **kwargs)
-    except TypeError as err:
-        raise UserError(f"bad option for arch {arch!r}: {err}") from None
+    problem = _input_problem(num_classes, shape)
+    if problem is not None:
+        raise UserError(f"{problem}; e.g. num_classes=5, in_shape=(1, 28, 28)")
+    problem = _options_problem(arch, num_classes, shape, kwargs)
+    if problem is not None:
+        example = " ".join(f"arch.{k}={v}" for k, v in _options(arch).items())
+        raise UserError(
+            f"bad option for arch {arch!r}: {problem}; pass options that {arch} takes, within the limits "
+            f"(its defaults: {example})"
+        )
+    if seed is None:
+        return factory(num_classes, in_shape=shape, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory(num_classes, in_shape=shape, **kwargs)
 
 
 def list_models() -> list[str]:
