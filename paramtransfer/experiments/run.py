@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from paramtransfer.data.task import DEFAULT_SHAPE, Task, load_task
@@ -24,6 +26,9 @@ from paramtransfer.train.trainer import TrainConfig, evaluate, fit, to_memory_fo
 
 RESULT = "result.json"
 CHECKPOINT = "checkpoint.pt"
+MODEL_DIR = "model"
+STATE_DICT = "state_dict.safetensors"
+STATE_DICT_NOTE = "state_dict.json"
 
 
 @dataclass
@@ -132,8 +137,15 @@ def train_model(
     writes ``out/result.json`` atomically, and returns the existing result if it is already complete.
     ``variant`` is the name the run is recorded under (default: the method's variant name).
     With ``reuse_only`` nothing trains: the result is the complete one under ``out``, or ``None``.
+    ``save_weights`` writes the exported model under ``out/model`` (see :func:`save_trained`).
     """
     m = make_method(method, **(method_options or {}))
+    if save_weights and out is None:
+        raise UserError("save_weights writes the trained model under OUT/model; give out (the run folder)")
+    if save_weights and not m.trains:
+        raise UserError(
+            f"method {m.name!r} trains no network, so there is no model to save; drop --save-model"
+        )
     if source is not None and arch is not None and source.arch not in (arch, "custom", "wrapped"):
         raise UserError(f"the source is a {source.arch}, but arch is {arch}; drop --arch or match it")
     if source is not None and not isinstance(source, LayeredNet):
@@ -246,16 +258,44 @@ def train_model(
         )
     if out_dir is not None:
         if save_weights and model is not None and result.status == "ok":
-            exported = m.export(model)
-            if isinstance(exported, LayeredNet) and exported.arch not in ("custom", "wrapped"):
-                save_model(
-                    exported.to(memory_format=torch.contiguous_format),
-                    out_dir / "model",
-                    {"method": result.method},
-                )
+            save_trained(m.export(model), out_dir / MODEL_DIR, result.method)
         result.save(out_dir / RESULT)
         (out_dir / CHECKPOINT).unlink(missing_ok=True)
     return result, model
+
+
+def save_trained(model: nn.Module, directory: Path, method: str) -> Path:
+    """Save a run's exported model under ``directory``.
+
+    A zoo network is saved with :func:`~paramtransfer.models.store.save_model`, so ``load_model`` and
+    ``--source`` rebuild it. Anything else (a wrapped user model, a hand-made LayeredNet, the two-network
+    models of SpotTune and PTU) cannot be rebuilt from a name: its ``state_dict`` is written as
+    ``state_dict.safetensors`` with ``state_dict.json`` beside it saying so; it loads only into the same
+    module built the same way (``module.load_state_dict(safetensors.torch.load_file(path))``).
+    """
+    model = model.to(memory_format=torch.contiguous_format)
+    if isinstance(model, LayeredNet) and model.arch not in ("custom", "wrapped"):
+        return save_model(model, directory, {"method": method})
+    directory.mkdir(parents=True, exist_ok=True)
+    # clones: safetensors refuses tensors that share storage (tied weights)
+    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    tmp = directory / f".{STATE_DICT}.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, directory / STATE_DICT)
+    atomic_write_json(
+        directory / STATE_DICT_NOTE,
+        {
+            "method": method,
+            "module": type(model).__qualname__,
+            "arch": getattr(model, "arch", None),
+            "note": (
+                "a state_dict only: load it into the same module built the same way with "
+                "module.load_state_dict(safetensors.torch.load_file(path)); load_model and --source "
+                "cannot rebuild it"
+            ),
+        },
+    )
+    return directory
 
 
 def run(
