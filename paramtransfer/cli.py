@@ -304,7 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (default: 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    p.add_argument("--save-model", action="store_true", help="also save the trained model under OUT/model")
+    p.add_argument(
+        "--save-model",
+        action="store_true",
+        help="also save the trained model under OUT/model (a zoo net that --source loads again; any "
+        "other model, e.g. spottune's, as state_dict.safetensors for the same module)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(p, out="runs/run")
 
@@ -668,12 +673,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> None:
     from paramtransfer.experiments.run import train_model
-    from paramtransfer.methods.base import parse_method_spec
+    from paramtransfer.methods.base import check_method, parse_method_spec
 
     _check_out(args.out)
     args.arch = _effective_arch(args.source, args.arch)
     name = parse_method_spec(args.method)[0]
     train, data, per_method = parse_sets(args.set, [name])
+    check_method(args.method, args.arch, **per_method.get(name, {}))  # fails before any pretraining
     _check_run_out(args, train, data, per_method.get(name, {}))
     source = _resolve_source(args, [args.method])
     result, _ = train_model(

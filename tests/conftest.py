@@ -68,3 +68,37 @@ def tiny_wrapped_source() -> pt.LayeredNet:
     """A user's model seen as a LayeredNet through LayeredNet.wrap (hooks, no rewriting)."""
     torch.manual_seed(5)
     return pt.LayeredNet.wrap(_UserNet(), blocks=["conv1", "conv2"], head="classifier.1")
+
+
+class _StemNet(torch.nn.Module):
+    """A user's model with parts that are neither a named block nor the head: an un-named stem (conv +
+    BatchNorm) before the first block, an un-named BatchNorm between the blocks and a parameter of the
+    model itself (a scale before the head); block ``conv1`` holds a BatchNorm without affine parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.scale = nn.Parameter(torch.ones(1))
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(4, 4, 3, stride=2, bias=False), nn.BatchNorm2d(4, affine=False), nn.ReLU()
+        )
+        self.between = nn.BatchNorm2d(4)
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(4, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten()
+        )
+        self.classifier = nn.Sequential(nn.Dropout(0.0), nn.Linear(8 * 6 * 6, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.conv2(self.between(self.conv1(self.stem(x)))) * self.scale)
+
+
+@pytest.fixture(scope="session")
+def tiny_stem_wrapped_source() -> pt.LayeredNet:
+    """A wrapped user's model whose stem, in-between BatchNorm and own parameter are not named blocks."""
+    torch.manual_seed(6)
+    net = pt.LayeredNet.wrap(_StemNet(), blocks=["conv1", "conv2"], head="classifier.1")
+    with torch.no_grad():  # source-like BatchNorm statistics, so that a moved statistic is visible
+        net.train()
+        net(torch.randn(64, 1, 28, 28))
+    return net

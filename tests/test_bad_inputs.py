@@ -216,6 +216,16 @@ def _store_source(edit: Callable[[Path], object] | None = None) -> Callable[[Pat
 _STORE_RAY = importlib.util.find_spec("ray") is not None
 
 
+def _methods_on_saved(method: str, *extra: str) -> Callable[[Path, Path], list[str]]:
+    """``run`` with ``method`` from the saved lenet source (no pretraining)."""
+    return lambda tmp, saved: [*RUN, "--method", method, "--source", str(saved), *extra]
+
+
+def _methods_compare(methods: str, arch: str) -> Callable[[Path, Path], list[str]]:
+    """``compare`` of ``methods`` on ``arch`` from a source task spec (must fail before pretraining it)."""
+    return _plain("compare", "--methods", methods, "--arch", arch, "--shots", "2", "--epochs", "1", "--quiet")
+
+
 CASES: list[Case] = [
     # ---- flags and specs -----------------------------------------------------------------------
     Case("unknown-method", _plain("run", "--method", "nosuch_method"), "nosuch_method"),
@@ -502,6 +512,24 @@ CASES: list[Case] = [
     ),
     Case("closed-stdout", _cli_report_valid, "pipe was closed", process=True, stdin_closed_stdout=True),
     # ---- methods and models ----------------------------------------------------------------------
+    # arch/method mismatches are refused before a source is pretrained (RUN's source is a task spec)
+    Case("ptu-rnn-on-resnet20", _plain(*RUN, "--method", "ptu_rnn", "--arch", "resnet20"), "--arch rnn"),
+    Case("ptu-on-rnn", _plain(*RUN, "--method", "ptu", "--arch", "rnn"), "ptu_rnn for rnn"),
+    Case("spottune-on-mobilenet", _plain(*RUN, "--method", "spottune", "--arch", "mobilenet"), "resnet20"),
+    Case("spottune-on-saved-lenet", _methods_on_saved("spottune"), "not on lenet"),
+    Case("dtnh-on-ptu-run-on-lenet", _methods_on_saved("dtnh:ptu"), "dtnh:l2sp"),
+    Case("compare-spottune-global-on-lenet", _methods_compare("finetune,spottune_global", "lenet"), "lenet"),
+    Case("compare-ptu-rnn-on-lenet", _methods_compare("scratch,ptu_rnn", "lenet"), "ptu_rnn"),
+    # method options out of range
+    Case("finetune-negative-freeze", _methods_on_saved("finetune[freeze=-1]"), "freeze=-1"),
+    Case("finetune-freeze-and-last-k", _methods_on_saved("finetune[freeze=1,last_k=1]"), "not several"),
+    Case("l2sp-negative-alpha", _methods_on_saved("l2sp[alpha=-1]"), "alpha"),
+    Case("l2sp-negative-alpha-by-set", _methods_on_saved("l2sp", "--set", "l2sp.alpha=-1"), "alpha"),
+    Case("spottune-zero-tau", _plain(*RUN, "--method", "spottune[tau=0]", "--arch", "resnet20"), "tau"),
+    Case("knowdist-layer-outside-source", _methods_on_saved("knowdist[layers=[7]]"), "[7]"),
+    Case("ptu-unknown-activation", _methods_on_saved("ptu[activation=gelu]"), "gelu"),
+    # --save-model of a method that trains no network
+    Case("save-model-of-knn", _methods_on_saved("knn", "--save-model"), "no model to save"),
     # ---- processes and executors -----------------------------------------------------------------
     Case(
         "ray-unreachable-address",

@@ -18,10 +18,19 @@ import torch
 from torch import nn
 
 import paramtransfer as pt
-from paramtransfer.methods.base import METHODS, Method, make_method
+from paramtransfer.errors import UserError
+from paramtransfer.methods.base import METHODS, Method, make_method, parse_method_spec
 from paramtransfer.train.trainer import TrainConfig, fit
 
-ARCHS = ["tiny_source", "tiny_resnet_source", "tiny_wrapped_source", "tiny_rnn_source"]
+# tiny_stem_wrapped_source: a wrapped model with an un-named stem (conv + BatchNorm), an un-named BatchNorm
+# between its blocks, a parameter of its own and a BatchNorm without affine parameters in a block
+ARCHS = [
+    "tiny_source",
+    "tiny_resnet_source",
+    "tiny_wrapped_source",
+    "tiny_stem_wrapped_source",
+    "tiny_rnn_source",
+]
 DESIGN_KEYS = {
     "method",
     "source",
@@ -81,6 +90,16 @@ def _optimized(method: Method, model: nn.Module) -> set[int]:
     return {id(p) for g in method.param_groups(model) for p in g["params"]}
 
 
+def _bn_frozen(name: str, mod_name: str, mod: nn.Module, optimized: set[int]) -> bool | None:
+    """Whether a BatchNorm lies in the part ``name`` keeps frozen: by the module's place for the known
+    methods (so a BatchNorm without affine parameters is judged too), else by its parameters (None: no
+    way to tell)."""
+    if name in EXPECTED_TRAINABLE:
+        return not EXPECTED_TRAINABLE[name](f"{mod_name}.weight")
+    params = list(mod.parameters(recurse=False))
+    return None if not params else not any(id(p) in optimized for p in params)
+
+
 def _one_step(method: Method, model: nn.Module, task: pt.Task, lr: float = 0.1) -> None:
     """Exactly one optimizer step: the whole training split is one batch, one epoch."""
     out = fit(model, method, task, TrainConfig(epochs=1, batch_size=len(task.train), lr=lr, patience=None))
@@ -120,7 +139,9 @@ def test_one_step_moves_exactly_the_optimized_parameters(
     for mod_name, mod in model.named_modules():
         if not isinstance(mod, nn.modules.batchnorm._BatchNorm):
             continue
-        frozen = not any(id(p) in optimized for p in mod.parameters(recurse=False))
+        frozen = _bn_frozen(name, mod_name, mod, optimized)
+        if frozen is None:
+            continue
         for buf in ("running_mean", "running_var", "num_batches_tracked"):
             key = f"{mod_name}.{buf}"
             if frozen:
@@ -236,3 +257,76 @@ def test_non_training_method_is_deterministic_and_bounded(
     _check_result(result, name)
     assert result.val_accuracy == first["val_accuracy"] and result.test_accuracy == first["test_accuracy"]
     assert result.history == []
+
+
+# ---- the un-named part of a wrapped model goes with the source ---------------------------------------
+
+# the stem fixture's modules and parameters that are neither a named block nor the head
+UNNAMED_PARAMS = ("module.stem.0.weight", "module.stem.1.weight", "module.scale", "module.between.weight")
+UNNAMED_BN = ("module.stem.1", "module.between")
+VARIANTS = [*TRAINING, "finetune[freeze=1]", "finetune[last_k=1]", "finetune[stochastic=true]"]
+
+
+@pytest.mark.parametrize("spec", VARIANTS)
+def test_unnamed_part_is_frozen_whenever_a_block_is_and_trains_otherwise(
+    spec: str, tiny_stem_wrapped_source: pt.LayeredNet, tiny_task: pt.Task
+) -> None:
+    """LayeredNet's rule, in every copy of the wrapped model a method holds (target, frozen source,
+    SpotTune's frozen net): the un-named stem, the BatchNorm between the blocks and the model's own
+    parameter are frozen, BatchNorm statistics included, whenever any block of that copy is frozen, and
+    train like the blocks when every block trains; a BatchNorm without affine parameters follows its block."""
+    source = _source_for_spec(tiny_stem_wrapped_source, spec)
+    method = make_method(spec)
+    model = _build(method, source, tiny_task.num_classes)
+    before = _snapshot(model)
+    _one_step(method, model, tiny_task)
+    after = model.state_dict()
+
+    def moved(key: str) -> bool:
+        return not torch.equal(after[key], before[key])
+
+    copies = [k[: -len("module.conv1.0.weight")] for k in after if k.endswith("module.conv1.0.weight")]
+    assert copies, "no copy of the wrapped model found"
+    for prefix in copies:
+        blocks_train = moved(f"{prefix}module.conv1.0.weight") and moved(f"{prefix}module.conv2.0.weight")
+        for name in UNNAMED_PARAMS:
+            assert moved(prefix + name) == blocks_train, f"{spec}: {prefix}{name} moved={not blocks_train}"
+        for bn in UNNAMED_BN:
+            for buf in ("running_mean", "running_var", "num_batches_tracked"):
+                key = f"{prefix}{bn}.{buf}"
+                assert moved(key) == blocks_train, f"{spec}: BatchNorm statistic {key} moved={moved(key)}"
+        affine_free = f"{prefix}module.conv1.1.running_mean"
+        assert moved(affine_free) == moved(f"{prefix}module.conv1.0.weight"), f"{spec}: {affine_free}"
+
+
+def _source_for_spec(source: pt.LayeredNet, spec: str) -> pt.LayeredNet:
+    supported = METHODS.get(parse_method_spec(spec)[0]).supported_archs
+    if supported is not None and source.arch not in supported:
+        pytest.skip(f"{spec} declares it does not support {source.arch}")
+    return source
+
+
+@pytest.mark.parametrize("name", ["l2sp", "dtnh:l2sp"])
+def test_l2sp_anchors_every_transferred_parameter_including_the_unnamed_part(
+    name: str, tiny_stem_wrapped_source: pt.LayeredNet
+) -> None:
+    method = make_method(name)
+    model = _build(method, tiny_stem_wrapped_source, 5)
+    head = {id(p) for p in model.head.parameters()}
+    assert {id(p) for p in method.transferred} == {id(p) for p in model.parameters() if id(p) not in head}
+    alpha = method.config.alpha
+    before = float(method.regularizer().detach())
+    with torch.no_grad():  # move an un-named stem weight and the model's own parameter by 1 each
+        model.module.stem[0].weight.add_(1.0)
+        model.module.scale.add_(1.0)
+    n = model.module.stem[0].weight.numel() + 1
+    assert float(method.regularizer().detach()) - before == pytest.approx(0.5 * alpha * n, rel=1e-4)
+    grads = method.reg_gradients()
+    assert torch.allclose(grads[model.module.scale], torch.full((1,), alpha))
+    stem_weight = model.module.stem[0].weight
+    assert torch.allclose(grads[stem_weight], torch.full_like(stem_weight, alpha))
+
+
+def test_ptu_refuses_a_wrapped_model(tiny_stem_wrapped_source: pt.LayeredNet) -> None:
+    with pytest.raises(UserError, match="zoo architecture"):
+        _build(make_method("ptu"), tiny_stem_wrapped_source, 5)

@@ -289,6 +289,26 @@ def test_wrap_bad_names() -> None:
         pt.LayeredNet.wrap(m, [""], "fc")
 
 
+def test_wrap_refuses_a_head_inside_a_block() -> None:
+    m = nn.Sequential()
+    m.add_module("body", nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)))
+    with pytest.raises(UserError, match="overlap"):
+        pt.LayeredNet.wrap(m, ["body"], "body.2", in_shape=(1, 6, 6))
+
+
+def test_unnamed_part_of_a_wrapped_model(tiny_stem_wrapped_source) -> None:
+    net = tiny_stem_wrapped_source
+    m = net.module
+    assert {id(x) for x in net.unnamed_modules()} >= {id(m.stem), id(m.between), id(m.classifier[0])}
+    assert not {id(x) for x in net.unnamed_modules()} & {id(m.conv1), id(m.conv2), id(m.classifier[1])}
+    unnamed = {id(p) for p in net.unnamed_parameters()}
+    assert unnamed == {id(p) for p in [*m.stem.parameters(), *m.between.parameters(), m.scale]}
+    head = {id(p) for p in net.head.parameters()}
+    assert {id(p) for p in net.transferred_parameters()} == {id(p) for p in net.parameters()} - head
+    zoo = pt.build_model("lenet", 3, width=4, hidden=16)
+    assert [id(x) for x in zoo.unnamed_modules()] == [id(zoo.neck)] and zoo.unnamed_parameters() == []
+
+
 def test_wrapped_and_custom_models_cannot_be_saved(tmp_path: Path) -> None:
     net = pt.LayeredNet.wrap(_small_cnn(), ["conv1"], "fc", in_shape=(1, 9, 9))
     with pytest.raises(UserError, match="zoo"):

@@ -13,7 +13,7 @@ import torch
 
 import paramtransfer as pt
 from paramtransfer.errors import UserError
-from paramtransfer.methods.base import make_config, make_method
+from paramtransfer.methods.base import freeze, make_config, make_method
 from paramtransfer.train import checkpoint as ckpt_mod
 from paramtransfer.train.checkpoint import atomic_write_json, load_checkpoint
 from paramtransfer.train.trainer import TrainConfig, batches, evaluate, fit, keep_frozen_batchnorm
@@ -258,6 +258,33 @@ def test_frozen_batchnorm_statistics_do_not_change_during_training(tiny_resnet_s
             assert torch.equal(before[i][k], after[i][k]), f"frozen block {i} {k} changed"
     changed = [k for k in before[2] if not torch.equal(before[2][k], after[2][k])]
     assert changed, "the BatchNorm statistics of a trained block should move"
+
+
+def test_batchnorm_without_affine_parameters_in_a_frozen_block_keeps_its_statistics(tiny_task):
+    """Frozen-ness is by module: an affine-free BatchNorm has no parameters to tell by."""
+    torch.manual_seed(0)
+    blocks = [
+        torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.BatchNorm2d(4, affine=False)),
+        torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, stride=2), torch.nn.BatchNorm2d(4, affine=False)),
+    ]
+    source = pt.LayeredNet(blocks, torch.nn.Linear(4 * 6 * 6, 5), torch.nn.Flatten(), in_shape=(1, 28, 28))
+    m, model = _build("finetune[freeze=1]", source, tiny_task)
+    before = [_bn_buffers(b) for b in model.blocks]
+    fit(model, m, tiny_task, TrainConfig(epochs=1, lr=0.05, batch_size=8, patience=None), seed=0)
+    after = [_bn_buffers(b) for b in model.blocks]
+    for k in before[0]:
+        assert torch.equal(before[0][k], after[0][k]), f"frozen block 0 {k} changed"
+    assert not torch.equal(before[1]["1.running_mean"], after[1]["1.running_mean"])
+
+
+def test_keep_frozen_batchnorm_follows_the_frozen_part_not_the_parameters():
+    part = torch.nn.Sequential(torch.nn.BatchNorm2d(3, affine=False))
+    live = torch.nn.BatchNorm2d(3, affine=False)
+    freeze(part)
+    model = torch.nn.Sequential(part, live).train()
+    keep_frozen_batchnorm(model)
+    assert not part[0].training
+    assert live.training
 
 
 # ---- early stopping ------------------------------------------------------------------------------

@@ -25,7 +25,14 @@ from paramtransfer.errors import UserError, warn_user
 from paramtransfer.experiments.executors import Executor, make_executor
 from paramtransfer.experiments.run import LOCK as RUN_LOCK
 from paramtransfer.experiments.run import RESULT, RunResult, train_model
-from paramtransfer.methods.base import METHODS, make_config, make_method, parse_method_spec, split_method_list
+from paramtransfer.methods.base import (
+    METHODS,
+    check_method,
+    make_config,
+    make_method,
+    parse_method_spec,
+    split_method_list,
+)
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import is_model_path, resolve_source
 from paramtransfer.train.checkpoint import atomic_write_bytes, atomic_write_json, hold_lock
@@ -207,6 +214,15 @@ def plan_runs(
             lrs: list[float | None] = list(config.lrs) if cls.trains else [None]
             plan += [PlannedRun(variant, name, opts, lr, s, arch_kwargs) for lr in lrs for s in config.seeds]
     return plan
+
+
+def check_methods(config: CompareConfig, arch: str | None) -> None:
+    """Validate every method spec's options and, with ``arch``, that it runs on that architecture
+    (cheap: no source needed), with the options :func:`plan_runs` gives it."""
+    for spec in config.methods:
+        name, options = parse_method_spec(spec)
+        options, _ = split_arch_options({**config.method_options.get(name, {}), **options})
+        check_method(name, arch, **options)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -428,6 +444,8 @@ def compare(
             progress=progress,
         )
 
+    # before any source is pretrained: a method that cannot run on the architecture fails at once
+    check_methods(config, None if source is not None else config.arch)
     src = source
     if src is None and any(METHODS.get(parse_method_spec(s)[0]).needs_source for s in config.methods):
         src = pretrained()

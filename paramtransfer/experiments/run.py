@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save
 from torch import nn
 
 from paramtransfer.data.task import DEFAULT_SHAPE, Task, load_task
@@ -20,12 +21,20 @@ from paramtransfer.methods.base import Method, make_config, make_method
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import save_model
 from paramtransfer.models.zoo import build_model
-from paramtransfer.train.checkpoint import atomic_write_json, hold_lock, remove_stale_temps
+from paramtransfer.train.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    hold_lock,
+    remove_stale_temps,
+)
 from paramtransfer.train.trainer import TrainConfig, evaluate, fit, to_memory_format, uses_channels_last
 
 RESULT = "result.json"
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"  # held by the process that trains the run in that folder (see train_model)
+MODEL_DIR = "model"
+STATE_DICT = "state_dict.safetensors"
+STATE_DICT_NOTE = "state_dict.json"
 
 
 @dataclass
@@ -136,8 +145,15 @@ def train_model(
     waits for it, then returns the finished result (or resumes the run if the holder died).
     ``variant`` is the name the run is recorded under (default: the method's variant name).
     With ``reuse_only`` nothing trains: the result is the complete one under ``out``, or ``None``.
+    ``save_weights`` writes the exported model under ``out/model`` (see :func:`save_trained`).
     """
     m = make_method(method, **(method_options or {}))
+    if save_weights and out is None:
+        raise UserError("save_weights writes the trained model under OUT/model; give out (the run folder)")
+    if save_weights and not m.trains:
+        raise UserError(
+            f"method {m.name!r} trains no network, so there is no model to save; drop --save-model"
+        )
     if source is not None and arch is not None and source.arch not in (arch, "custom", "wrapped"):
         raise UserError(f"the source is a {source.arch}, but arch is {arch}; drop --arch or match it")
     if source is not None and not isinstance(source, LayeredNet):
@@ -266,13 +282,7 @@ def train_model(
             )
         if out_dir is not None:
             if save_weights and model is not None and result.status == "ok":
-                exported = m.export(model)
-                if isinstance(exported, LayeredNet) and exported.arch not in ("custom", "wrapped"):
-                    save_model(
-                        exported.to(memory_format=torch.contiguous_format),
-                        out_dir / "model",
-                        {"method": result.method},
-                    )
+                save_trained(m.export(model), out_dir / MODEL_DIR, result.method)
             result.save(out_dir / RESULT)
             (out_dir / CHECKPOINT).unlink(missing_ok=True)
         return result, model
@@ -287,6 +297,38 @@ def _finished(out_dir: Path | None, fingerprints: tuple[str, ...]) -> RunResult 
     except (ValueError, TypeError, KeyError, AttributeError, OSError):  # not a result: run again
         return None
     return old if old.fingerprint in fingerprints else None
+
+
+def save_trained(model: nn.Module, directory: Path, method: str) -> Path:
+    """Save a run's exported model under ``directory``.
+
+    A zoo network is saved with :func:`~paramtransfer.models.store.save_model`, so ``load_model`` and
+    ``--source`` rebuild it. Anything else (a wrapped user model, a hand-made LayeredNet, the two-network
+    models of SpotTune and PTU) cannot be rebuilt from a name: its ``state_dict`` is written as
+    ``state_dict.safetensors`` with ``state_dict.json`` beside it saying so; it loads only into the same
+    module built the same way (``module.load_state_dict(safetensors.torch.load_file(path))``).
+    """
+    model = model.to(memory_format=torch.contiguous_format)
+    if isinstance(model, LayeredNet) and model.arch not in ("custom", "wrapped"):
+        return save_model(model, directory, {"method": method})
+    directory.mkdir(parents=True, exist_ok=True)
+    # clones: safetensors refuses tensors that share storage (tied weights)
+    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(directory / STATE_DICT, save(tensors))
+    atomic_write_json(
+        directory / STATE_DICT_NOTE,
+        {
+            "method": method,
+            "module": type(model).__qualname__,
+            "arch": getattr(model, "arch", None),
+            "note": (
+                "a state_dict only: load it into the same module built the same way with "
+                "module.load_state_dict(safetensors.torch.load_file(path)); load_model and --source "
+                "cannot rebuild it"
+            ),
+        },
+    )
+    return directory
 
 
 def run(

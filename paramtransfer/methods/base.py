@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 
 from paramtransfer.errors import UserError
-from paramtransfer.models.layered import LayeredNet
+from paramtransfer.models.layered import LayeredNet, freeze, unfreeze
 from paramtransfer.models.zoo import build_model
 from paramtransfer.registry import Registry
 
@@ -73,11 +73,24 @@ class Method:
     # the trainer then calls loss_terms(..., index=i) with the batch's row indices into task.train
     wants_batch_index: ClassVar[bool] = False
     supported_archs: ClassVar[tuple[str, ...] | None] = None  # None: any LayeredNet
+    arch_advice: ClassVar[str] = ""  # appended to the error of check_arch, e.g. ", or ptu_rnn for rnn"
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
 
     # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def check_arch(cls, arch: str) -> None:
+        """Refuse an architecture this method cannot run on, from its name alone (cheap: called before
+        a source is pretrained). ``build`` still checks the actual source."""
+        if cls.supported_archs is None or arch in cls.supported_archs:
+            return
+        zoo = [a for a in cls.supported_archs if a not in ("custom", "wrapped")]
+        raise UserError(
+            f"method {cls.name!r} runs on {', '.join(zoo)}, not on {arch}; "
+            f"use --arch {zoo[0]}{cls.arch_advice}"
+        )
+
     def build(
         self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int
     ) -> nn.Module:
@@ -167,8 +180,7 @@ def transfer_copy(source: LayeredNet, num_classes: int, seed: int) -> LayeredNet
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.reset_head(num_classes)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    unfreeze(model)  # a source that was frozen (a frozen copy, a linear probe's net) transfers whole
     return model
 
 
@@ -185,6 +197,7 @@ def fresh_model(
                     if hasattr(m, "reset_parameters"):
                         m.reset_parameters()
                 model.reset_head(num_classes)
+            unfreeze(model)
             return model
         return build_model(
             source.arch, num_classes, in_shape=source.in_shape, seed=seed, **source.arch_kwargs
@@ -192,13 +205,6 @@ def fresh_model(
     if arch is None:
         raise UserError("training from scratch needs --arch (or a --source whose architecture to copy)")
     return build_model(arch, num_classes, in_shape=in_shape, seed=seed)
-
-
-def freeze(modules: nn.Module | list[nn.Module]) -> None:
-    """Stop gradients through ``modules``; the trainer also keeps their BatchNorm statistics fixed."""
-    for m in modules if isinstance(modules, list) else [modules]:
-        for p in m.parameters():
-            p.requires_grad_(False)
 
 
 def frozen_copy(source: LayeredNet) -> LayeredNet:
@@ -285,6 +291,18 @@ def make_method(spec: str | Method, **options: Any) -> Method:
     name, spec_options = parse_method_spec(spec)
     cls = METHODS.get(name)
     return cls(make_config(cls.Config, {**spec_options, **options}, f"method {name!r}"))
+
+
+def check_method(spec: str | Method, arch: str | None, **options: Any) -> Method:
+    """The method of ``spec`` (its options validated) after checking it runs on ``arch``.
+
+    Everything here is cheap and needs no source: commands call it before a source is resolved, so
+    that a mismatch fails in a moment instead of after pretraining the source.
+    """
+    method = make_method(spec, **options)
+    if arch is not None:
+        type(method).check_arch(arch)
+    return method
 
 
 def list_methods() -> list[str]:

@@ -14,7 +14,6 @@ from paramtransfer.errors import UserError
 from paramtransfer.methods.base import (
     Method,
     MethodConfig,
-    freeze,
     fresh_model,
     register_method,
     transfer_copy,
@@ -71,7 +70,9 @@ class Finetune(Method):
     """Fine-tuning from the source weights with a new head; FT-l / last-k / stochastic variants.
 
     FT-l (Yosinski et al. 2014; PTU paper Sec. "Experimental Setup") freezes the first ``l`` blocks and
-    fine-tunes the rest. Frozen blocks keep their BatchNorm statistics too.
+    fine-tunes the rest. Frozen blocks keep their BatchNorm statistics too. Modules of a wrapped model
+    that are neither a named block nor the head are frozen whenever any block is (FT-l for l >= 1,
+    last-k, stochastic) and train with the blocks otherwise (FT-0), see :class:`LayeredNet`.
     """
 
     Config = FinetuneConfig
@@ -99,7 +100,7 @@ class Finetune(Method):
     ) -> nn.Module:
         model = transfer_copy(self._require_source(source), num_classes, seed)
         frozen = self.frozen_blocks(model.num_blocks, seed)
-        freeze([model.blocks[i] for i in frozen])
+        model.freeze_blocks(frozen)  # with any block, the un-named part of a wrapped model (LayeredNet)
         self.frozen = frozen
         return model
 
@@ -117,13 +118,14 @@ class Finetune(Method):
 
 @register_method("linear_probe")
 class LinearProbe(Method):
-    """Feature extractor: every source block frozen (weights and BatchNorm statistics), a new head trains."""
+    """Feature extractor: everything but the new head frozen (weights and BatchNorm statistics): every
+    block and, in a wrapped model, the modules that are neither a named block nor the head."""
 
     def build(
         self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int
     ) -> nn.Module:
         model = transfer_copy(self._require_source(source), num_classes, seed)
-        freeze(list(model.blocks))
+        model.freeze_blocks(range(model.num_blocks))
         return model
 
 

@@ -503,6 +503,7 @@ class PTUMethod(_PTUMethodBase):
     each chosen block (conv PTUs after conv blocks, linear PTUs after fully connected ones)."""
 
     supported_archs = ("lenet", "resnet20", "mobilenet")
+    arch_advice = ", or the method ptu_rnn for rnn"
 
     def build(
         self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int
@@ -538,6 +539,7 @@ class PTURNNMethod(_PTUMethodBase):
     """PTU-RNN: source and target RNN cells over the rows of an image, one shared PTU per step."""
 
     supported_archs = ("rnn",)
+    arch_advice = ", or the method ptu for CNNs"
 
     def build(
         self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int

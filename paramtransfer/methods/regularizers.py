@@ -21,7 +21,7 @@ from paramtransfer.models.layered import LayeredNet
 @dataclass
 class L2SPConfig(MethodConfig):
     """Attributes:
-    alpha: weight of the pull of the transferred (block) parameters towards the source values.
+    alpha: weight of the pull of the transferred parameters (all but the head's) towards the source values.
     beta: weight of plain L2 decay on the new head, which has no source value.
     """
 
@@ -38,9 +38,10 @@ class L2SP(Method):
     """L2-SP (Li et al. 2018; DTNH paper Eq. 2).
 
     ``Omega(w) = alpha/2 * ||w_S - w_S^0||^2 + beta/2 * ||w_head||^2`` where ``w_S`` are the transferred
-    parameters (all blocks), ``w_S^0`` their source values (also the starting point) and ``w_head`` the
-    new task layer. Its gradient is closed form: ``alpha * (w_S - w_S^0)`` and ``beta * w_head``
-    (:meth:`reg_gradients`).
+    parameters (everything but the head: every block and, in a wrapped model, the modules that are
+    neither a named block nor the head), ``w_S^0`` their source values (also the starting point) and
+    ``w_head`` the new task layer. Its gradient is closed form: ``alpha * (w_S - w_S^0)`` and
+    ``beta * w_head`` (:meth:`reg_gradients`).
     """
 
     Config = L2SPConfig
@@ -52,7 +53,7 @@ class L2SP(Method):
         self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int
     ) -> nn.Module:
         model = transfer_copy(self._require_source(source), num_classes, seed)
-        self.transferred = [p for p in model.blocks.parameters()]
+        self.transferred = model.transferred_parameters()  # blocks and a wrapped model's un-named part
         self.anchors = [p.detach().clone() for p in self.transferred]
         self.head_params = list(model.head.parameters())
         return model
@@ -127,6 +128,8 @@ class KnowDist(Method):
     over the outputs ``F_j`` of the chosen blocks is added to the task loss. The source copy is frozen
     (weights and BatchNorm statistics): like a teacher, it runs in eval mode, so with BatchNorm the
     distance is not exactly zero at the start of training (the target normalises with batch statistics).
+    Modules of a wrapped model that are neither a named block nor the head train with the target and
+    are anchored through the block outputs they feed (one after the last compared block is not).
     """
 
     Config = KnowDistConfig

@@ -12,7 +12,8 @@ where our blocks already contain the skip connection and the final ReLU (``relu(
 as the official code mixes post-ReLU block outputs); with hard decisions this is Eq. 2 exactly. At
 evaluation the routing is deterministic (argmax, no Gumbel noise) and each copy of a block runs only on
 the examples routed through it. The frozen blocks keep their BatchNorm statistics (the official code
-let them train; we do not, a frozen block is frozen).
+let them train; we do not, a frozen block is frozen). The modules of a wrapped model that are neither
+a named block nor the head are frozen like the frozen copies (weights and BatchNorm statistics).
 
 ``spottune_global`` (Sec. 3.3) adds ``lambda_1 l_k + lambda_2 l_e`` (Eqs. 5-7) on the fraction ``v_l``
 of a batch routed to ``F^_l``; after training every example follows one global policy (the k blocks
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paramtransfer.errors import UserError
-from paramtransfer.methods.base import Method, MethodConfig, freeze, register_method, transfer_copy
+from paramtransfer.methods.base import Method, MethodConfig, register_method, transfer_copy
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.zoo import BasicBlock, GlobalPool
 
@@ -148,7 +149,7 @@ class SpotTuneNet(nn.Module):
         self.tuned = nn.ModuleDict({str(i): copy.deepcopy(net.blocks[i]) for i in routed})
         for p in self.tuned.parameters():
             p.requires_grad_(True)
-        freeze(list(net.blocks))
+        net.freeze_blocks(range(net.num_blocks))  # and a wrapped model's un-named part (LayeredNet)
         self.policy = policy
         self.register_buffer("tau", torch.tensor(float(tau)))
         self.register_buffer("noise", torch.tensor(float(noise)))
@@ -259,6 +260,7 @@ class SpotTune(Method):
 
     Config = SpotTuneConfig
     supported_archs = ("resnet20", "wrapped")
+    arch_advice = " (SpotTune routes residual blocks)"
 
     def build(
         self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int

@@ -4,11 +4,15 @@ A LayeredNet is ``blocks`` (layers 1..L-1, shared in shape by source and target)
 ``neck`` (e.g. global pooling) and ``head`` (the task layer, an ``nn.Linear``). Any torch model can be
 wrapped by naming its blocks and head; block outputs are then read with forward hooks, never by
 rewriting the model.
+
+Freezing is by module: :func:`freeze` stops the gradients of a module's parameters and marks the module
+and all its submodules frozen, so that the trainer keeps the BatchNorm statistics of everything in a
+frozen part fixed (BatchNorm without affine parameters included).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -16,9 +20,48 @@ from torch import nn
 
 from paramtransfer.errors import UserError
 
+_FROZEN = "_paramtransfer_frozen"  # instance attribute: survives deepcopy and pickling, not in state_dict
+
+
+def freeze(modules: nn.Module | Iterable[nn.Module]) -> None:
+    """Stop gradients through ``modules`` and mark them (with every submodule) frozen; the trainer then
+    keeps their BatchNorm statistics fixed too, whether or not a BatchNorm has affine parameters."""
+    for m in [modules] if isinstance(modules, nn.Module) else modules:
+        for sub in m.modules():
+            sub.__dict__[_FROZEN] = True
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+
+def unfreeze(module: nn.Module) -> None:
+    """Undo :func:`freeze` on ``module`` and everything in it: all parameters trainable, no marks."""
+    for sub in module.modules():
+        sub.__dict__.pop(_FROZEN, None)
+    for p in module.parameters():
+        p.requires_grad_(True)
+
+
+def is_frozen(module: nn.Module) -> bool:
+    """Whether ``module`` lies in a part of the model that :func:`freeze` froze."""
+    return bool(module.__dict__.get(_FROZEN, False))
+
 
 class LayeredNet(nn.Module):
     """A network seen as ``head(neck(block_L-1(...block_1(x))))``.
+
+    **Un-named modules.** A wrapped model may hold modules that are neither a named block nor the head:
+    an un-named stem before the first block (``conv0`` + BatchNorm), activations or norms between
+    blocks, parameters the model holds itself (a position embedding); a zoo net's only one is its
+    parameter-free neck. They come with the source like block 1, so every method treats them as part of
+    the transferred network (:meth:`unnamed_modules`, :meth:`transferred_parameters`):
+
+    * they are frozen, weights and BatchNorm statistics, whenever a method freezes any block
+      (:meth:`freeze_blocks`: linear probe, FT-l for l >= 1, last-k, stochastic fine-tuning, SpotTune);
+    * they train like block 1 when every block trains (full fine-tuning, scratch, L2-SP, KnowDist);
+    * L2-SP pulls them towards their source values (its Omega covers every transferred parameter,
+      everything but the head); KnowDist and DELTA reach them through the block outputs they feed.
+
+    Name such a module as a block to give it a block's own treatment.
 
     Args:
         blocks: the transferable layers, applied in order.
@@ -90,6 +133,54 @@ class LayeredNet(nn.Module):
         feats = self.features(x)
         return self.neck(feats[-1]).flatten(1)
 
+    def unnamed_modules(self) -> list[nn.Module]:
+        """The largest submodules that neither are nor contain a block or the head, and lie in none
+        (see the class docstring); for a zoo net, the neck."""
+        return self._partition()[0]
+
+    def unnamed_parameters(self) -> list[nn.Parameter]:
+        """Every parameter outside the blocks and the head: those of :meth:`unnamed_modules` and those a
+        module holding blocks owns itself (e.g. a wrapped model's own ``nn.Parameter``)."""
+        outside, containers = self._partition()
+        params = [p for m in outside for p in m.parameters()]
+        params += [p for m in containers for p in m.parameters(recurse=False)]
+        return list({id(p): p for p in params}.values())
+
+    def transferred_parameters(self) -> list[nn.Parameter]:
+        """The parameters that come with the source: every parameter but the head's."""
+        head = {id(p) for p in self.head.parameters()}
+        return [p for p in self.parameters() if id(p) not in head]
+
+    def freeze_blocks(self, indices: Iterable[int]) -> None:
+        """Freeze the blocks at ``indices`` (weights and BatchNorm statistics); if there is any, the
+        un-named part is frozen with them (it comes with the source, like block 1)."""
+        chosen = [self.blocks[i] for i in indices]
+        if not chosen:
+            return
+        freeze(chosen)
+        freeze(self.unnamed_modules())
+        for p in self.unnamed_parameters():
+            p.requires_grad_(False)
+
+    def _partition(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """(un-named modules, modules that hold a block or the head), by identity, in module order."""
+        named = {id(b) for b in self.blocks} | {id(self.head)}
+        outside: list[nn.Module] = []
+        containers: list[nn.Module] = []
+
+        def visit(m: nn.Module) -> None:
+            if id(m) in named:
+                return
+            if any(id(sub) in named for sub in m.modules()):
+                containers.append(m)
+                for child in m.children():
+                    visit(child)
+            else:
+                outside.append(m)
+
+        visit(self)
+        return outside, containers
+
     def reset_head(self, num_classes: int) -> None:
         """Replace the task layer by a freshly initialised ``Linear(in_features, num_classes)``."""
         old = self.head_layer()
@@ -121,6 +212,8 @@ class WrappedNet(LayeredNet):
 
     ``forward`` is the model's own forward; :meth:`forward_features` captures the named blocks' outputs
     with temporary forward hooks. Methods that must run blocks one by one (e.g. PTU) need a zoo net.
+    The model's modules that are neither a named block nor the head are its un-named part, treated as
+    :class:`LayeredNet` describes.
     """
 
     sequential = False
@@ -138,6 +231,12 @@ class WrappedNet(LayeredNet):
             )
         if not blocks:
             raise UserError("wrap needs at least one block name")
+        overlap = [b for b in blocks if head == b or head.startswith(b + ".") or b.startswith(head + ".")]
+        if overlap:
+            raise UserError(
+                f"wrapped model: block {overlap[0]!r} and the head {head!r} overlap (freezing the block "
+                "would freeze the head); name blocks that neither contain nor lie in the head"
+            )
         self.module = module
         self.block_names = list(blocks)
         self.head_name = head

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paramtransfer.errors import UserError
+from paramtransfer.models.layered import is_frozen
 from paramtransfer.train.checkpoint import load_checkpoint, save_checkpoint
 
 Callback = Callable[..., None]
@@ -130,12 +131,15 @@ def batches(n: int, batch_size: int, min_last: float, perm: torch.Tensor) -> Ite
 
 
 def keep_frozen_batchnorm(model: nn.Module) -> None:
-    """Put BatchNorm layers whose affine parameters are frozen in eval mode, so that their running
-    statistics never change either. A module may opt out with ``keep_training_stats = True``."""
+    """Put the BatchNorm layers of frozen parts in eval mode, so that their running statistics never
+    change either. Frozen-ness is by module (:func:`~paramtransfer.models.layered.freeze` marks the part
+    it freezes), so a BatchNorm without affine parameters in a frozen block stays fixed too; a BatchNorm
+    whose affine parameters were all frozen by hand counts as frozen as well. A module may opt out with
+    ``keep_training_stats = True``."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not getattr(m, "keep_training_stats", False):
             params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if is_frozen(m) or (params and not any(p.requires_grad for p in params)):
                 m.eval()
 
 
