@@ -10,9 +10,11 @@ Example:
 from paramtransfer import methods as _methods  # noqa: F401  (registers every method)
 from paramtransfer.data import Task, load_task
 from paramtransfer.errors import UserError
-from paramtransfer.experiments.run import RunResult, run
+from paramtransfer.experiments.pretrain import pretrain, resolve_source
+from paramtransfer.experiments.run import run
 from paramtransfer.methods.base import list_methods, make_method
-from paramtransfer.models import LayeredNet, build_model, list_models, load_model, pretrain, save_model
+from paramtransfer.models import LayeredNet, build_model, list_models, load_model, save_model
+from paramtransfer.results import RunResult
 from paramtransfer.train import TrainConfig
 
 __version__ = "0.1.0"
@@ -30,6 +32,7 @@ __all__ = [
     "load_task",
     "make_method",
     "pretrain",
+    "resolve_source",
     "run",
     "save_model",
 ]

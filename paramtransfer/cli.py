@@ -631,8 +631,8 @@ def _effective_arch(source: str, arch: str | None) -> str:
 
 
 def _resolve_source(args: argparse.Namespace, method_specs: Sequence[str]):
+    from paramtransfer.experiments.pretrain import resolve_source
     from paramtransfer.methods.base import METHODS, parse_method_spec
-    from paramtransfer.models.store import resolve_source
 
     if not any(METHODS.get(parse_method_spec(s)[0]).needs_source for s in method_specs):
         return None
@@ -647,7 +647,8 @@ def _resolve_source(args: argparse.Namespace, method_specs: Sequence[str]):
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
-    from paramtransfer.models.store import pretrain, save_model
+    from paramtransfer.experiments.pretrain import pretrain
+    from paramtransfer.models.store import save_model
 
     args.arch = args.arch or "lenet"
     _check_out(args.out)

@@ -29,8 +29,10 @@ import torch
 import paramtransfer as pt
 from paramtransfer.cli import _effective_arch, main
 from paramtransfer.errors import UserError
+from paramtransfer.experiments import pretrain as pretrain_module
+from paramtransfer.experiments.pretrain import resolve_source
 from paramtransfer.models import store
-from paramtransfer.models.store import HASH_KEY, META, WEIGHTS, is_model_path, resolve_source, saved_arch
+from paramtransfer.models.store import HASH_KEY, META, WEIGHTS, is_model_path, saved_arch
 from paramtransfer.models.zoo import MAX_PARAMS, build_model
 from paramtransfer.train import checkpoint
 
@@ -229,7 +231,9 @@ def test_a_task_spec_is_never_taken_over_by_a_folder_of_that_name(
     monkeypatch.chdir(tmp_path)
     pt.save_model(tiny_resnet_source, tmp_path / "fashion")
     pretrained = []
-    monkeypatch.setattr(store, "pretrain", lambda arch, spec, **kw: pretrained.append((arch, spec)) or "task")
+    monkeypatch.setattr(
+        pretrain_module, "pretrain", lambda arch, spec, **kw: pretrained.append((arch, spec)) or "task"
+    )
     assert saved_arch("fashion") is None and _effective_arch("fashion", None) == "lenet"
     assert resolve_source("fashion", "lenet") == "task" and pretrained == [("lenet", "fashion")]
     assert saved_arch("./fashion") == "resnet20" and _effective_arch("./fashion", None) == "resnet20"

@@ -183,9 +183,9 @@ def _check_reachable(address: str, host: str, port: int) -> None:
 def child_pythonpath() -> str:
     """``PYTHONPATH`` for other Python processes (Ray workers, measuring children): the package's own root
     first, so that they import this paramtransfer (a source checkout, too), then the driver's entries."""
-    import paramtransfer
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(paramtransfer.__file__)))
+    # this file is <root>/paramtransfer/experiments/executors.py (importing paramtransfer here would be
+    # an import of the whole package from one of its parts)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     paths = [root, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
     return os.pathsep.join(dict.fromkeys(paths))
 

@@ -7,7 +7,6 @@ import hashlib
 import json
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from paramtransfer.methods.base import Method, make_config, make_method
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import save_model
 from paramtransfer.models.zoo import build_model
+from paramtransfer.results import RESULT, RunResult
 from paramtransfer.train.checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
@@ -29,51 +29,11 @@ from paramtransfer.train.checkpoint import (
 )
 from paramtransfer.train.trainer import TrainConfig, evaluate, fit, to_memory_format, uses_channels_last
 
-RESULT = "result.json"
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"  # held by the process that trains the run in that folder (see train_model)
 MODEL_DIR = "model"
 STATE_DICT = "state_dict.safetensors"
 STATE_DICT_NOTE = "state_dict.json"
-
-
-@dataclass
-class RunResult:
-    """What one run produced; written as ``result.json``.
-
-    ``status`` is ``"ok"`` or ``"diverged"`` (a non-finite loss stopped the run; accuracies are null).
-    ``config`` holds everything that defines the run (``config["lr"]`` is its learning rate).
-    """
-
-    method: str
-    source: str | None
-    target: str
-    arch: str
-    seed: int
-    config: dict[str, Any]
-    val_accuracy: float | None
-    test_accuracy: float | None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    wall_time_s: float = 0.0
-    diagnostics: dict[str, Any] = field(default_factory=dict)
-    status: str = "ok"
-    best_epoch: int | None = None
-    fingerprint: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunResult:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def save(self, path: str | Path) -> None:
-        atomic_write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> RunResult:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def _source_name(source: LayeredNet | None) -> str | None:

@@ -1,7 +1,8 @@
-"""LayeredNet, the model zoo and the source store."""
+"""LayeredNet, the model zoo and the source store (save, load, key; training a source is
+:mod:`paramtransfer.experiments.pretrain`). Imports errors, registry and train.checkpoint only."""
 
 from paramtransfer.models.layered import LayeredNet, WrappedNet
-from paramtransfer.models.store import load_model, pretrain, save_model
+from paramtransfer.models.store import load_model, save_model
 from paramtransfer.models.zoo import build_model, list_models
 
-__all__ = ["LayeredNet", "WrappedNet", "build_model", "list_models", "load_model", "pretrain", "save_model"]
+__all__ = ["LayeredNet", "WrappedNet", "build_model", "list_models", "load_model", "save_model"]

@@ -15,6 +15,14 @@ from paramtransfer.report.plots import (
     plot_spottune,
 )
 from paramtransfer.report.tables import comparison_table, label
+from paramtransfer.results import (
+    RunResult,
+    read_result,
+    result_problem,
+    run_settings,
+    select,
+    settings_difference,
+)
 from paramtransfer.train.checkpoint import atomic_write_bytes
 
 __all__ = ["comparison_table", "label", "load_results", "write_report"]
@@ -48,8 +56,6 @@ def load_results(directory: str | Path) -> dict[str, Any]:
     shots, source, epochs, ...: a stale comparison in the same folder) are never mixed into one table:
     rebuilding from them is an error that names two that differ.
     """
-    from paramtransfer.experiments.compare import read_result, run_settings, select, settings_difference
-
     d = Path(directory)
     summary_file = d / "results.json"
     files = sorted(d.glob("runs/**/result.json"))
@@ -102,9 +108,6 @@ def _is_lr(value: Any) -> bool:
 
 def _read_summary(path: Path) -> tuple[dict[str, Any], list]:
     """``results.json`` and its runs; a file that is not one is a :class:`UserError` naming it."""
-    from paramtransfer.experiments.compare import result_problem
-    from paramtransfer.experiments.run import RunResult
-
     cure = "delete it and re-run the command"
     try:
         summary = json.loads(path.read_text())
