@@ -757,8 +757,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
+    from paramtransfer.bench.report import detect_layout, write_bench_report
     from paramtransfer.report import comparison_table, load_results, write_report
-    from paramtransfer.report.bench import detect_layout, write_bench_report
 
     d = Path(args.dir)
     _check_out(args.out if args.out is not None else (d if d.is_dir() else None))
@@ -777,7 +777,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from paramtransfer.experiments.bench import SPEED, list_lines, run_bench, suites_root
+    from paramtransfer.bench.runner import SPEED, list_lines, run_bench, suites_root
 
     if args.list:
         print("\n".join(list_lines(suites_root(args.suites), args.out, args.name)))
@@ -801,12 +801,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_modelset(args: argparse.Namespace) -> None:
-    from paramtransfer.selection.modelset import (
-        build_modelset,
-        evaluate_modelset,
-        format_summary,
-        parse_build_sets,
-    )
+    from paramtransfer.bench.modelset import evaluate_modelset, format_summary
+    from paramtransfer.selection.modelset import build_modelset, parse_build_sets
 
     if args.modelset_command == "build":
         _check_out(args.out)

@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from paramtransfer.cli import main
-from paramtransfer.errors import UserError
-from paramtransfer.experiments.bench import KIND_MODULES, KINDS, register_kind, resolve_name
-from paramtransfer.report.bench import Section, speed_section
-from paramtransfer.report.paper import (
+from paramtransfer.bench.paper import (
     ClaimResult,
     claim_verdict,
     evaluate_claims,
     load_paper,
     resolve_side,
 )
+from paramtransfer.bench.report import speed_section
+from paramtransfer.bench.suites import KIND_MODULES, KINDS, Section, register_kind, resolve_name
+from paramtransfer.cli import main
+from paramtransfer.errors import UserError
 
 SETTING = {
     "arch": "lenet",
@@ -190,8 +190,7 @@ TOY_KIND_MODULE = """
 import json
 from pathlib import Path
 
-from paramtransfer.experiments.bench import register_kind
-from paramtransfer.report.bench import Section
+from paramtransfer.bench.suites import Section, register_kind
 
 
 def run(config: dict, out: Path, executor: object, progress: bool) -> dict:
@@ -245,9 +244,9 @@ def test_bench_speed_runs_the_speed_suite_and_the_report_shows_it(tmp_path: Path
         Path(out).write_text(json.dumps(data))
         return data
 
-    fake = types.ModuleType("paramtransfer.experiments.speedsuite")
+    fake = types.ModuleType("paramtransfer.bench.speedsuite")
     fake.run_speed_suite = run_speed_suite  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "paramtransfer.experiments.speedsuite", fake)
+    monkeypatch.setitem(sys.modules, "paramtransfer.bench.speedsuite", fake)
     root = _suites(tmp_path / "suites")
     out = tmp_path / "out"
     assert main(["bench", "speed", "--suites", str(root), "--out", str(out), "--record", "--quiet"]) == 0

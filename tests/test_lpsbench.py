@@ -12,17 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from paramtransfer.errors import UserError
-from paramtransfer.experiments.bench import KINDS
-from paramtransfer.report.paper import VERDICTS
-from paramtransfer.selection import lpsbench, modelset, rank
-from paramtransfer.selection.lpsbench import (
+from paramtransfer.bench import lps as lpsbench
+from paramtransfer.bench.lps import (
     LPSBenchConfig,
     format_lps_bench,
     lps_claims,
     render_lps,
     run_lps_bench,
 )
+from paramtransfer.bench.paper import VERDICTS
+from paramtransfer.bench.suites import KINDS
+from paramtransfer.errors import UserError
+from paramtransfer.selection import modelset, rank
 from paramtransfer.selection.rank import SCORE_NAMES
 
 TINY = {

@@ -18,22 +18,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from paramtransfer.bench.modelset import (
+    EVAL,
+    SECTIONS,
+    _query_rhos,
+    _retrieval_metrics,
+    _spearman,
+    _top_k,
+    evaluate_modelset,
+)
 from paramtransfer.cli import main
 from paramtransfer.errors import UserError
 from paramtransfer.models.store import META, WEIGHTS, load_model
 from paramtransfer.selection import modelset
 from paramtransfer.selection.lps import ALIGNMENTS
 from paramtransfer.selection.modelset import (
-    EVAL,
     INDEX,
     METHODS,
-    SECTIONS,
-    _query_rhos,
-    _retrieval_metrics,
-    _spearman,
-    _top_k,
     build_modelset,
-    evaluate_modelset,
     load_modelset,
     read_index,
     task_pairs,

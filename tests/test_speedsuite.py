@@ -14,15 +14,15 @@ import math
 import pytest
 import torch
 
-import paramtransfer.experiments.speedsuite as speedsuite
-from paramtransfer.errors import UserError
-from paramtransfer.experiments.speedsuite import (
+import paramtransfer.bench.speedsuite as speedsuite
+from paramtransfer.bench.speedsuite import (
     bare_loop,
     default_methods,
     peak_rss_mb,
     run_speed_suite,
     synthetic_dataset,
 )
+from paramtransfer.errors import UserError
 from paramtransfer.methods.base import METHODS
 from paramtransfer.models.zoo import build_model
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from paramtransfer.experiments.speed import step_time_ratios
+from paramtransfer.bench.speed import step_time_ratios
 
 torch.set_num_threads(2)
 repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 30

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from paramtransfer.experiments.speed import step_time_ratios
+from paramtransfer.bench.speed import step_time_ratios
 
 torch.set_num_threads(2)
 methods = [

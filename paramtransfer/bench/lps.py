@@ -4,7 +4,7 @@ One benchmark setting (a YAML with ``kind: lps``, see ``benchmarks/lps/``) runs,
 
 1. ``build``: a model set (:func:`~paramtransfer.selection.modelset.build_modelset`) under
    ``OUT/modelset``, its models trained by the executor (in-process, or one Ray task per model);
-2. ``eval``: :func:`~paramtransfer.selection.modelset.evaluate_modelset` -> ``OUT/eval.json`` (task
+2. ``eval``: :func:`~paramtransfer.bench.modelset.evaluate_modelset` -> ``OUT/eval.json`` (task
    classification and retrieval with all baselines, transferability, branches, alignment);
 3. ``rank``: for every target task and seed, the first model of every task is a candidate source,
    ranked by LPS and by LogME, LEEP, NCE and H-score, then fine-tuned on the target; the weighted
@@ -29,18 +29,14 @@ from typing import Any
 
 import torch
 
+from paramtransfer.bench.modelset import SECTIONS, evaluate_modelset
+from paramtransfer.bench.paper import ClaimResult, Side
+from paramtransfer.bench.suites import KINDS, Section, register_kind
 from paramtransfer.errors import UserError
 from paramtransfer.methods.base import make_config
 from paramtransfer.models.zoo import build_model
 from paramtransfer.selection.lps import SecondOrderNet, model_parameters
-from paramtransfer.selection.modelset import (
-    METHODS,
-    SECTIONS,
-    EvalConfig,
-    build_modelset,
-    evaluate_modelset,
-    read_index,
-)
+from paramtransfer.selection.modelset import METHODS, EvalConfig, build_modelset, read_index
 from paramtransfer.selection.rank import SCORE_NAMES, RankConfig, rank_sources
 from paramtransfer.train.checkpoint import atomic_write_json
 
@@ -521,9 +517,7 @@ def lps_claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def render_lps(summary: dict[str, Any], paper: dict[str, Any] | None, results_dir: Path) -> Any:
-    """The ``lps`` kind's report section (see :mod:`paramtransfer.experiments.bench`)."""
-    from paramtransfer.report.bench import Section
-    from paramtransfer.report.paper import ClaimResult, Side
+    """The ``lps`` kind's report section (see :mod:`paramtransfer.bench.suites`)."""
 
     def side(label: str, value: float) -> Side:
         return Side(label, label, label, {"status": "ok", "test_mean": value, "test_std": 0.0})
@@ -743,11 +737,5 @@ def plot_lps(summary: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def _register() -> None:
-    from paramtransfer.experiments.bench import KINDS, register_kind
-
-    if "lps" not in KINDS.names():
-        register_kind("lps", run_lps_bench, render_lps)
-
-
-_register()
+if "lps" not in KINDS.names():  # a re-imported module must not register twice
+    register_kind("lps", run_lps_bench, render_lps)

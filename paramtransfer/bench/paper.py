@@ -99,7 +99,7 @@ def load_paper(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         return {}
-    holds = "a mapping with a 'settings' mapping (see paramtransfer.report.paper)"
+    holds = "a mapping with a 'settings' mapping (see paramtransfer.bench.paper)"
     data = read_yaml_mapping(p, holds)
     if not isinstance(data.get("settings", {}), dict):
         raise UserError(f"{p} must hold {holds}")

@@ -3,52 +3,43 @@
 ``write_bench_report`` rebuilds ``report.md`` (and ``figures/claims_<suite>.png``) from results alone, in
 either layout (:class:`BenchLayout`): a ``paramtransfer bench`` output (``OUT/<suite>/<name>/``) or the
 recorded ``benchmarks/`` folder (``benchmarks/<suite>/results/<name>/``). Each setting's section comes
-from its kind's renderer (``paramtransfer.experiments.bench.KINDS``); :func:`render_compare` renders
-``compare`` settings. The verdict rule is in :mod:`paramtransfer.report.paper`.
+from its kind's renderer (:func:`paramtransfer.bench.suites.get_kind`; ``compare`` settings:
+:func:`paramtransfer.bench.compare.render_compare`). The verdict rule is in :mod:`paramtransfer.bench.paper`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paramtransfer.errors import UserError
-from paramtransfer.report.paper import (
-    BEST_FTL,
+from paramtransfer.bench.paper import (
     VERDICT_RULE,
     VERDICTS,
     ClaimResult,
-    evaluate_claims,
     load_paper,
-    paper_map,
-    paper_values,
-    resolve_side,
-    show_paper_value,
-    side_paper,
 )
-from paramtransfer.report.tables import best_ft, corrected_base, ft_level, label, pct, row_order
+from paramtransfer.bench.suites import (
+    DEFAULT_OUT,
+    MANIFEST,
+    PAPER_FILE,
+    default_suites_root,
+    get_kind,
+    list_suites,
+    setting_kind,
+    suite_settings,
+)
+from paramtransfer.errors import UserError
+from paramtransfer.report import load_results
 from paramtransfer.train.checkpoint import atomic_write_bytes
 
 REPORT = "report.md"
-_NUMBERS = re.compile(r"(\d+(?:\.\d+)?)")
 FIGURES = "figures"
 _EMBED_SKIP = ("learning_curves.png",)  # large, and not a paper figure: linked, not shown inline
-
-
-@dataclass
-class Section:
-    """What a kind's renderer returns for one setting: markdown (no heading, no figures), the PNGs to
-    show, and the paper's claims judged on the results."""
-
-    markdown: str
-    figures: list[Path] = field(default_factory=list)
-    claims: list[ClaimResult] = field(default_factory=list)
 
 
 @dataclass
@@ -68,8 +59,6 @@ class BenchLayout:
         return self.root / "speed" / "results.json"
 
     def suite_names(self) -> list[str]:
-        from paramtransfer.experiments.bench import list_suites
-
         names = set(list_suites(self.suites)) if self.suites is not None and self.suites.is_dir() else set()
         pattern = "*/results/*/results.json" if self.recorded else "*/*/results.json"
         names |= {p.relative_to(self.root).parts[0] for p in self.root.glob(pattern)}
@@ -77,8 +66,6 @@ class BenchLayout:
 
     def setting_names(self, suite: str, first: list[str] | None = None) -> list[str]:
         """``first`` (paper.yaml's order) that exist, then every other setting or result, by name."""
-        from paramtransfer.experiments.bench import suite_settings
-
         known = set(suite_settings(self.suites, suite)) if self.suites is not None else set()
         base = self.root / suite / "results" if self.recorded else self.root / suite
         known |= {p.parent.name for p in base.glob("*/results.json")}
@@ -96,8 +83,6 @@ class BenchReport:
 
 def detect_layout(directory: str | Path, suites: str | Path | None = None) -> BenchLayout | None:
     """The layout of ``directory`` if it holds bench results (or is a benchmarks folder), else None."""
-    from paramtransfer.experiments.bench import MANIFEST, PAPER_FILE, default_suites_root
-
     d = Path(directory)
     if any(d.glob(f"*/{PAPER_FILE}")) or any(d.glob("*/results/*/results.json")):
         return BenchLayout(d, Path(suites) if suites else d, recorded=True)
@@ -115,136 +100,10 @@ def detect_layout(directory: str | Path, suites: str | Path | None = None) -> Be
 # ---- one compare setting ---------------------------------------------------------------------------
 
 
-def _pm(entry: dict[str, Any]) -> str:
-    return f"{pct(entry['test_mean'], entry['test_std'], entry.get('n_seeds'))} ({entry.get('n_seeds', '?')})"
-
-
-def _describe(cfg: dict[str, Any]) -> str:
-    seeds, epochs = cfg.get("seeds") or [], cfg.get("epochs")
-    lrs = ", ".join(f"{lr:g}" for lr in cfg.get("lrs") or [])
-    return (
-        f"{cfg.get('source')} → {cfg.get('target')}, {cfg.get('arch')}, "
-        f"{cfg.get('shots') or 'all'} shots per class, {len(seeds)} seed{'s' if len(seeds) != 1 else ''}, "
-        f"{epochs} epoch{'s' if epochs != 1 else ''}; learning rate chosen on validation from {{{lrs}}}"
-    )
-
-
-def _diffs(a: list[float | None], b: list[float | None]) -> str:
-    return " / ".join("—" if x is None or y is None else f"{x - y:+.2f}" for x, y in zip(a, b))
-
-
-def render_compare(summary: dict[str, Any], paper: dict[str, Any] | None, results_dir: Path) -> Section:
-    """A compare setting: one row per method variant (ours, selected lr, the paper's number, Δ to the
-    fine-tuning reference, ours and the paper's), the paper rows with no counterpart, then the claims."""
-    paper = paper or {}
-    selected: dict[str, dict[str, Any]] = summary.get("selected") or {}
-    scale = paper.get("scale", "percent")
-    mapping = paper_map(paper, selected)
-    ref = resolve_side(paper.get("reference", "finetune"), selected)
-    ref_paper = side_paper(ref, mapping)
-    with_paper = bool(paper.get("numbers"))
-    out = []
-    if paper.get("mirrors"):
-        out.append(f"Paper: {paper['mirrors']}.")
-    out.append(f"Ours: {_describe(summary.get('config') or {})}.")
-    out.append("")
-    columns = paper.get("columns")
-    head = ["method variant", "ours: test % (mean ± std, seeds)", "selected lr"]
-    if ref.ok:
-        head.append(f"Δ vs {ref.label}, ours")
-    if with_paper:
-        head[3:3] = [f"paper % ({' / '.join(columns)})" if columns else "paper %"]
-        head.append(f"Δ vs {ref_paper['row']}, paper" if ref_paper else "Δ vs fine-tuning, paper")
-    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = [(v, selected[v]) for v in sorted(selected, key=_row_key)]
-    best = best_ft(selected)
-    if best is not None and sum(ft_level(v) is not None for v in selected) > 1:
-        rows.append((BEST_FTL, best[1]))
-    ref_mean = ref.entry["test_mean"] if ref.ok and ref.entry is not None else None
-    for key, entry in rows:
-        name = f"**best FT-l** = {label(best[0])}" if key == BEST_FTL and best else label(key)
-        ok = entry.get("status") == "ok"
-        is_ref = key == ref.spec or (ref.variant is not None and key == ref.variant)
-        cells = [
-            name,
-            _pm(entry) if ok else "diverged at every lr",
-            "—" if entry.get("lr") is None else f"{entry['lr']:g}",
-        ]
-        if ref_mean is not None:
-            delta = f"{100 * (entry['test_mean'] - ref_mean):+.2f}" if ok else "—"
-            cells.append("ref." if is_ref else delta)
-        if with_paper:
-            row = mapping.get(key)
-            cells.insert(3, f"{show_paper_value(row['value'], scale)} ({row['row']})" if row else "—")
-            if row and is_ref:
-                cells.append("ref.")
-            elif row and ref_paper:
-                cells.append(
-                    _diffs(paper_values(row["value"], scale), paper_values(ref_paper["value"], scale))
-                )
-            else:
-                cells.append("—")
-        out.append("| " + " | ".join(cells) + " |")
-    unmatched = [
-        r for r in paper.get("numbers") or [] if not any(_present(s, selected) for s in _as_list(r["ours"]))
-    ]
-    if unmatched:
-        shown = ", ".join(f"{r['row']} {show_paper_value(r['value'], scale)}" for r in unmatched)
-        out += ["", f"Paper rows with no counterpart in our results: {shown}."]
-    if paper.get("notes"):
-        out += ["", str(paper["notes"]).strip()]
-    claims = evaluate_claims(paper, selected)
-    if not paper:
-        out += ["", "No paper numbers or claims for this setting (no entry in the suite's paper.yaml)."]
-    elif not claims:
-        out += ["", "No claim of the paper is tested by this setting."]
-    else:
-        out += ["", "**Claims**", "", *(c.markdown() for c in claims)]
-    return Section("\n".join(out), sorted(results_dir.glob("*.png")), claims)
-
-
-def _natural(text: str) -> tuple:
-    """``l2sp[alpha=0.01]`` < ``l2sp[alpha=0.1]`` < ``l2sp[alpha=1]``: numbers compared as numbers."""
-    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(_NUMBERS.split(text)))
-
-
-def _row_key(variant: str) -> tuple:
-    """Baselines, FT-l by l, other fine-tuning, then the rest; a method's variants by strength, each
-    ``dtnh:`` variant right after the one it corrects (its plain form before its other options)."""
-    from paramtransfer.methods.base import parse_method_spec
-
-    group = row_order(variant)
-    base = corrected_base(variant)
-    try:
-        name = parse_method_spec(variant)[0]
-    except Exception:  # a variant recorded by an older version that no longer parses
-        name = variant
-    if group[0] >= 2 and row_order(name)[0] == 0:  # knn[features=raw] next to knn
-        group = row_order(name)
-    return (
-        group[0],
-        group[1],
-        _natural(label(base or variant)),
-        base is not None,
-        variant.count(","),
-        _natural(label(variant)),
-    )
-
-
-def _as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else [value]
-
-
-def _present(spec: Any, selected: dict[str, dict[str, Any]]) -> bool:
-    return resolve_side(str(spec), selected).entry is not None
-
-
 # ---- the whole report ------------------------------------------------------------------------------
 
 
 def _command(suite: str, name: str, layout: BenchLayout) -> str:
-    from paramtransfer.experiments.bench import DEFAULT_OUT, default_suites_root
-
     cmd = f"paramtransfer bench {suite}/{name}" if name else f"paramtransfer bench {suite}"
     if layout.suites is not None and layout.suites.resolve() != default_suites_root().resolve():
         cmd += f" --suites {layout.suites}"
@@ -276,8 +135,6 @@ def _figure_markdown(figures: list[Path], out: Path, prefix: str) -> str:
 def _load_summary(results_dir: Path) -> dict[str, Any]:
     summary = json.loads((results_dir / "results.json").read_text())
     if "selected" not in summary and "runs" in summary:
-        from paramtransfer.report import load_results
-
         summary = load_results(results_dir)
     return summary
 
@@ -285,8 +142,6 @@ def _load_summary(results_dir: Path) -> dict[str, Any]:
 def write_bench_report(layout: BenchLayout, out: str | Path | None = None) -> BenchReport:
     """Write ``report.md`` (+ ``figures/claims_<suite>.png``) for every suite of ``layout`` into ``out``
     (default: ``layout.root``); never runs anything. Settings without results say "not run"."""
-    from paramtransfer.experiments.bench import PAPER_FILE, get_kind, setting_kind
-
     out = Path(out) if out is not None else layout.root
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, Counter] = {}

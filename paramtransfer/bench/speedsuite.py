@@ -17,7 +17,7 @@ pixel values) and all in the calling process except the memory one:
   training steps, one child process at a time (see :func:`peak_rss_mb`).
 
 Example:
-    >>> from paramtransfer.experiments.speedsuite import run_speed_suite
+    >>> from paramtransfer.bench.speedsuite import run_speed_suite
     >>> r = run_speed_suite(None, archs=("lenet",), methods=["l2sp", "dtnh:l2sp"], repeats=3)
     >>> r["dtnh_over_base"]["lenet"]["l2sp"]  # doctest: +SKIP
     1.04
@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paramtransfer.bench.speed import _interleaved_medians, _steppers, measure_arch
 from paramtransfer.data.task import Split
 from paramtransfer.errors import UserError
 from paramtransfer.experiments.compare import split_arch_options
 from paramtransfer.experiments.executors import child_pythonpath
-from paramtransfer.experiments.speed import _interleaved_medians, _steppers, measure_arch
 from paramtransfer.methods.base import METHODS, make_method, parse_method_spec
 from paramtransfer.models.zoo import build_model, list_models
 from paramtransfer.train.checkpoint import atomic_write_json
@@ -70,7 +70,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "trainer_over_bare_loop": (">=", 0.95),
 }
 
-_CHILD = "import sys; from paramtransfer.experiments.speedsuite import _child; _child(sys.argv[1:])"
+_CHILD = "import sys; from paramtransfer.bench.speedsuite import _child; _child(sys.argv[1:])"
 
 
 def run_speed_suite(

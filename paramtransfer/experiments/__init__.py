@@ -1,1 +1,6 @@
-"""Runs, comparisons (methods x learning rates x seeds) and hold-out selection."""
+"""Running: one run (``run``), pretraining a source (``pretrain``), comparisons of methods x learning rates x
+seeds with hold-out selection (``compare``), executors (in-process, Ray).
+
+May import: errors, registry, data, models, methods, optim, train, results, report (a comparison writes
+its own table). Never selection, bench or cli.
+"""

@@ -1,4 +1,7 @@
-"""Transfer strategies, one module each, registered by name in :data:`METHODS`."""
+"""Transfer strategies, one module each, registered by name in :data:`METHODS`.
+
+May import: errors, registry, data, models, optim.
+"""
 
 from paramtransfer.methods import baselines, delta, dtnh, ptu, regularizers, spottune  # noqa: F401
 from paramtransfer.methods.base import METHODS, Method, MethodConfig, list_methods, make_method

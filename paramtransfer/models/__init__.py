@@ -1,5 +1,8 @@
-"""LayeredNet, the model zoo and the source store (save, load, key; training a source is
-:mod:`paramtransfer.experiments.pretrain`). Imports errors, registry and train.checkpoint only."""
+"""LayeredNet, the model zoo and the source store (save, load, key; it never trains: pretraining a source
+is :mod:`paramtransfer.experiments.pretrain`).
+
+May import: errors, registry, data, train.checkpoint.
+"""
 
 from paramtransfer.models.layered import LayeredNet, WrappedNet
 from paramtransfer.models.store import load_model, save_model

@@ -1,4 +1,8 @@
-"""Tables and plots from comparison results; ``write_report`` rebuilds them from results alone."""
+"""Tables and plots from comparison results; ``write_report`` rebuilds them from results alone.
+
+Reads results (:mod:`paramtransfer.results`) and never runs anything. May import: errors, registry,
+data, models, methods, train.checkpoint, results. Benchmark reports are :mod:`paramtransfer.bench.report`.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,12 @@
-"""Source selection: which trained model should a target transfer from?
+"""Source selection, the method: which trained model should a target transfer from?
 
-``lps``: Learnable Parameter Similarity (filter alignment, the second-order network, model sets).
+``lps``: Learnable Parameter Similarity (filter alignment, the second-order network and baselines).
+``modelset``: building and loading model sets, training the second-order network on one.
 ``scores``: fast transferability scores computed from a source model's features or predictions on the
 target data (LogME, LEEP, NCE, H-score).
+``rank``: rank candidate sources for a target by LPS and the scores (``--verify`` fine-tunes them).
+
+May import: everything below it (errors, registry, data, models, methods, train, results, report,
+experiments). The paper's evaluations of the method (Tables 1-2, Fig. 3) are benchmarks:
+:mod:`paramtransfer.bench.modelset`, :mod:`paramtransfer.bench.lps`.
 """

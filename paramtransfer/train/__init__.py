@@ -1,4 +1,8 @@
-"""The training loop, checkpoints and determinism."""
+"""The training loop, checkpoints and determinism.
+
+May import: errors, data, models, methods (``checkpoint``, atomic writes and folder locks, imports only
+the standard library and torch: every layer writes files with it).
+"""
 
 from paramtransfer.train.trainer import FitOutcome, TrainConfig, evaluate, fit
 
