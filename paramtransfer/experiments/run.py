@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,14 @@ from paramtransfer.train.checkpoint import (
     hold_lock,
     remove_stale_temps,
 )
-from paramtransfer.train.trainer import TrainConfig, evaluate, fit, to_memory_format, uses_channels_last
+from paramtransfer.train.trainer import (
+    FitOutcome,
+    TrainConfig,
+    evaluate,
+    fit,
+    to_memory_format,
+    uses_channels_last,
+)
 
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"  # held by the process that trains the run in that folder (see train_model)
@@ -74,6 +82,186 @@ def _count(params: Any) -> int:
     return int(sum(p.numel() for p in params))
 
 
+@dataclass
+class _RunSetup:
+    """Everything that defines one run, settled before anything trains (see :func:`train_model`)."""
+
+    method: Method
+    task: Task
+    source: LayeredNet | None
+    arch: str  # the architecture the run records: the source's, else ``arch``, else "none"
+    seed: int
+    config: dict[str, Any]  # RunResult.config
+    train: TrainConfig | None  # None: the method trains no network
+    variant: str
+    fingerprints: tuple[str, str]  # (this version's, the one written before observational defaults)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.fingerprints[0]
+
+    def result(self, t0: float, **fields: Any) -> RunResult:
+        """The run's RunResult with ``fields`` (accuracies, history, diagnostics, ...) added."""
+        return RunResult(
+            method=self.variant,
+            source=_source_name(self.source),
+            target=self.task.spec,
+            arch=self.arch,
+            seed=self.seed,
+            config=self.config,
+            wall_time_s=time.perf_counter() - t0,
+            fingerprint=self.fingerprint,
+            **fields,
+        )
+
+
+def _check_request(
+    m: Method, source: LayeredNet | None, arch: str | None, out: str | Path | None, save_weights: bool
+) -> None:
+    """Refuse, before any data loads, a request that cannot run: saving without a folder or a network, a
+    source that is not a LayeredNet or not of ``arch``."""
+    if save_weights and out is None:
+        raise UserError("save_weights writes the trained model under OUT/model; give out (the run folder)")
+    if save_weights and not m.trains:
+        raise UserError(
+            f"method {m.name!r} trains no network, so there is no model to save; drop --save-model"
+        )
+    if source is not None and arch is not None and source.arch not in (arch, "custom", "wrapped"):
+        raise UserError(f"the source is a {source.arch}, but arch is {arch}; drop --arch or match it")
+    if source is not None and not isinstance(source, LayeredNet):
+        raise UserError("the source must be a LayeredNet (wrap other models with LayeredNet.wrap)")
+
+
+def _target_task(
+    target: str | Task, source: LayeredNet | None, shots: int | None, seed: int, data: dict[str, Any]
+) -> Task:
+    """The target task, in the source's input shape (``data``: val_shots, limit, test_limit)."""
+    in_shape = tuple(source.in_shape) if source is not None else DEFAULT_SHAPE
+    if not isinstance(target, Task):
+        return load_task(target, shots, seed, in_shape=in_shape, **data)
+    if source is not None and tuple(target.in_shape) != in_shape:
+        raise UserError(
+            f"the source takes inputs of shape {in_shape} but the target {target.spec} gives "
+            f"{tuple(target.in_shape)}; load it with in_shape={in_shape}"
+        )
+    return target
+
+
+def _setup(
+    m: Method,
+    task: Task,
+    source: LayeredNet | None,
+    *,
+    arch: str | None,
+    arch_kwargs: dict[str, Any] | None,
+    seed: int,
+    lr: float | None,
+    epochs: int,
+    train_options: dict[str, Any] | None,
+    data: dict[str, Any],
+    variant: str | None,
+) -> _RunSetup:
+    """The run's training settings, recorded config and fingerprints."""
+    train_cfg = None
+    if m.trains:
+        if lr is None:
+            raise UserError(f"method {m.name!r} trains by gradient descent and needs a learning rate (--lr)")
+        train_cfg = make_config(
+            TrainConfig, {"epochs": epochs, "lr": lr, **(train_options or {})}, "training"
+        )
+    run_arch = source.arch if source is not None else (arch or "none")
+    config = {
+        "lr": lr if m.trains else None,
+        "epochs": epochs if m.trains else None,
+        "shots": task.shots,
+        "train": dataclasses.asdict(train_cfg) if train_cfg is not None else None,
+        "method": dataclasses.asdict(m.config),
+        "data": data,
+        "arch_kwargs": dict(arch_kwargs or (source.arch_kwargs if source is not None else {})),
+    }
+    variant = variant or m.variant()
+    identity = [variant, task.spec, seed, run_arch, config, _source_identity(source)]
+    fingerprints = (_fingerprint(identity, omit_defaults=True), _fingerprint(identity, omit_defaults=False))
+    return _RunSetup(m, task, source, run_arch, seed, config, train_cfg, variant, fingerprints)
+
+
+def _build_target(run: _RunSetup, arch: str | None, arch_kwargs: dict[str, Any] | None) -> nn.Module:
+    """The model to train (under the caller's seeded RNG): the method's, or the bare architecture for a
+    method that trains from scratch without a source."""
+    m, task = run.method, run.task
+    in_shape = tuple(run.source.in_shape) if run.source is not None else DEFAULT_SHAPE
+    if run.source is None and arch is not None and not m.needs_source:
+        return build_model(arch, task.num_classes, in_shape=in_shape, seed=run.seed, **(arch_kwargs or {}))
+    return m.build(run.source, task.num_classes, arch=run.arch, in_shape=in_shape, seed=run.seed)
+
+
+def _evaluated_result(run: _RunSetup, t0: float) -> RunResult:
+    """A method that trains no network (kNN, random guess): fit and evaluate in one go."""
+    res = run.method.fit_evaluate(run.source, run.task, run.seed)
+    return run.result(
+        t0,
+        val_accuracy=res["val_accuracy"],
+        test_accuracy=res["test_accuracy"],
+        diagnostics={"classes": list(run.task.classes), **res["diagnostics"]},
+    )
+
+
+def _trained_result(run: _RunSetup, model: nn.Module, outcome: FitOutcome, t0: float) -> RunResult:
+    """The RunResult of a trained model: test accuracy at the best epoch, diagnostics (none of the
+    method's own when the run diverged)."""
+    m, task, train_cfg = run.method, run.task, run.train
+    assert train_cfg is not None
+    ok = not outcome.diverged
+    test_acc = None
+    if ok:
+        x_test = to_memory_format(task.test.x, uses_channels_last(model, train_cfg))
+        test_acc, _ = evaluate(m, model, x_test, task.test.y, train_cfg.eval_batch_size)
+    diagnostics = {
+        "classes": list(task.classes),
+        "trainable_params": _count(p for g in m.param_groups(model) for p in g["params"]),
+        "total_params": _count(model.parameters()),
+        "stopped_early": outcome.stopped_early,
+        "resumed_from_epoch": outcome.resumed_from_epoch,
+    }
+    if ok:
+        diagnostics.update(m.diagnostics(model, task))
+        diagnostics.update(m.summarize_history(outcome.history))
+    return run.result(
+        t0,
+        val_accuracy=outcome.best_val_accuracy if ok else None,
+        test_accuracy=test_acc,
+        history=outcome.history,
+        diagnostics=diagnostics,
+        status="ok" if ok else "diverged",
+        best_epoch=outcome.best_epoch,
+    )
+
+
+def _claim_run(
+    held: ExitStack, out_dir: Path | None, fingerprints: tuple[str, ...], progress: bool
+) -> RunResult | None:
+    """Called right before the work starts (after everything that can fail on bad input): lock the run
+    folder against other processes (released with ``held``); the result if one of them finished the run
+    meanwhile."""
+    if out_dir is None:
+        return None
+    waiting = f"waiting for another process that is running {out_dir}"
+    held.enter_context(hold_lock(out_dir / LOCK, waiting if progress else None))
+    remove_stale_temps(out_dir)
+    remove_stale_temps(out_dir / MODEL_DIR)
+    return _finished(out_dir, fingerprints)
+
+
+def _write_run(
+    out_dir: Path, run: _RunSetup, result: RunResult, model: nn.Module | None, save_weights: bool
+) -> None:
+    """``result.json`` (and with ``save_weights`` the exported model); the checkpoint is no longer needed."""
+    if save_weights and model is not None and result.status == "ok":
+        save_trained(run.method.export(model), out_dir / MODEL_DIR, result.method)
+    result.save(out_dir / RESULT)
+    (out_dir / CHECKPOINT).unlink(missing_ok=True)
+
+
 def train_model(
     method: str | Method,
     *,
@@ -108,143 +296,59 @@ def train_model(
     ``save_weights`` writes the exported model under ``out/model`` (see :func:`save_trained`).
     """
     m = make_method(method, **(method_options or {}))
-    if save_weights and out is None:
-        raise UserError("save_weights writes the trained model under OUT/model; give out (the run folder)")
-    if save_weights and not m.trains:
-        raise UserError(
-            f"method {m.name!r} trains no network, so there is no model to save; drop --save-model"
-        )
-    if source is not None and arch is not None and source.arch not in (arch, "custom", "wrapped"):
-        raise UserError(f"the source is a {source.arch}, but arch is {arch}; drop --arch or match it")
-    if source is not None and not isinstance(source, LayeredNet):
-        raise UserError("the source must be a LayeredNet (wrap other models with LayeredNet.wrap)")
-    in_shape = tuple(source.in_shape) if source is not None else DEFAULT_SHAPE
-    if isinstance(target, Task):
-        task = target
-        if source is not None and tuple(task.in_shape) != in_shape:
-            raise UserError(
-                f"the source takes inputs of shape {in_shape} but the target {task.spec} gives "
-                f"{tuple(task.in_shape)}; load it with in_shape={in_shape}"
-            )
-    else:
-        task = load_task(
-            target, shots, seed, val_shots=val_shots, limit=limit, test_limit=test_limit, in_shape=in_shape
-        )
-    train_cfg = None
-    if m.trains:
-        if lr is None:
-            raise UserError(f"method {m.name!r} trains by gradient descent and needs a learning rate (--lr)")
-        train_cfg = make_config(
-            TrainConfig, {"epochs": epochs, "lr": lr, **(train_options or {})}, "training"
-        )
-    run_arch = source.arch if source is not None else (arch or "none")
-    config = {
-        "lr": lr if m.trains else None,
-        "epochs": epochs if m.trains else None,
-        "shots": task.shots,
-        "train": dataclasses.asdict(train_cfg) if train_cfg is not None else None,
-        "method": dataclasses.asdict(m.config),
-        "data": {"val_shots": val_shots, "limit": limit, "test_limit": test_limit},
-        "arch_kwargs": dict(arch_kwargs or (source.arch_kwargs if source is not None else {})),
-    }
-    variant = variant or m.variant()
-    identity = [variant, task.spec, seed, run_arch, config, _source_identity(source)]
-    fingerprint = _fingerprint(identity, omit_defaults=True)
+    _check_request(m, source, arch, out, save_weights)
+    data = {"val_shots": val_shots, "limit": limit, "test_limit": test_limit}
+    task = _target_task(target, source, shots, seed, data)
+    run = _setup(
+        m,
+        task,
+        source,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        seed=seed,
+        lr=lr,
+        epochs=epochs,
+        train_options=train_options,
+        data=data,
+        variant=variant,
+    )
     out_dir = Path(out) if out is not None else None
-    # results written before the omission of observational defaults carry the full fingerprint
-    fingerprints = (fingerprint, _fingerprint(identity, omit_defaults=False))
-    old = _finished(out_dir, fingerprints)
+    old = _finished(out_dir, run.fingerprints)
     if old is not None:
         return old, None
     if reuse_only:
         return None, None
 
     with ExitStack() as held:
-
-        def hold_run() -> RunResult | None:
-            """Called right before the work starts (after everything that can fail on bad input): lock the
-            run folder against other processes; the result if one of them finished the run meanwhile."""
-            if out_dir is None:
-                return None
-            waiting = f"waiting for another process that is running {out_dir}"
-            held.enter_context(hold_lock(out_dir / LOCK, waiting if progress else None))
-            remove_stale_temps(out_dir)
-            remove_stale_temps(out_dir / "model")
-            return _finished(out_dir, fingerprints)
-
         t0 = time.perf_counter()
-        common = dict(method=variant, source=_source_name(source), target=task.spec, arch=run_arch, seed=seed)
+        model = None
         if not m.trains:
-            done = hold_run()
+            done = _claim_run(held, out_dir, run.fingerprints, progress)
             if done is not None:
                 return done, None
-            res = m.fit_evaluate(source, task, seed)
-            result = RunResult(
-                **common,
-                config=config,
-                val_accuracy=res["val_accuracy"],
-                test_accuracy=res["test_accuracy"],
-                wall_time_s=time.perf_counter() - t0,
-                diagnostics={"classes": list(task.classes), **res["diagnostics"]},
-                fingerprint=fingerprint,
-            )
-            model = None
+            result = _evaluated_result(run, t0)
         else:
-            assert train_cfg is not None
+            assert run.train is not None
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                if source is None and arch is not None and not m.needs_source:  # scratch without a source
-                    model = build_model(
-                        arch, task.num_classes, in_shape=in_shape, seed=seed, **(arch_kwargs or {})
-                    )
-                else:
-                    model = m.build(source, task.num_classes, arch=run_arch, in_shape=in_shape, seed=seed)
-                done = hold_run()
+                model = _build_target(run, arch, arch_kwargs)
+                done = _claim_run(held, out_dir, run.fingerprints, progress)
                 if done is not None:
                     return done, None
                 outcome = fit(
                     model,
                     m,
                     task,
-                    train_cfg,
+                    run.train,
                     seed=seed,
                     checkpoint=out_dir / CHECKPOINT if out_dir is not None else None,
-                    fingerprint=fingerprint,
+                    fingerprint=run.fingerprint,
                     progress=progress,
                     callbacks=callbacks,
                 )
-            ok = not outcome.diverged
-            test_acc = None
-            if ok:
-                x_test = to_memory_format(task.test.x, uses_channels_last(model, train_cfg))
-                test_acc, _ = evaluate(m, model, x_test, task.test.y, train_cfg.eval_batch_size)
-            diagnostics = {
-                "classes": list(task.classes),
-                "trainable_params": _count(p for g in m.param_groups(model) for p in g["params"]),
-                "total_params": _count(model.parameters()),
-                "stopped_early": outcome.stopped_early,
-                "resumed_from_epoch": outcome.resumed_from_epoch,
-            }
-            if ok:
-                diagnostics.update(m.diagnostics(model, task))
-                diagnostics.update(m.summarize_history(outcome.history))
-            result = RunResult(
-                **common,
-                config=config,
-                val_accuracy=outcome.best_val_accuracy if ok else None,
-                test_accuracy=test_acc,
-                history=outcome.history,
-                wall_time_s=time.perf_counter() - t0,
-                diagnostics=diagnostics,
-                status="ok" if ok else "diverged",
-                best_epoch=outcome.best_epoch,
-                fingerprint=fingerprint,
-            )
+            result = _trained_result(run, model, outcome, t0)
         if out_dir is not None:
-            if save_weights and model is not None and result.status == "ok":
-                save_trained(m.export(model), out_dir / MODEL_DIR, result.method)
-            result.save(out_dir / RESULT)
-            (out_dir / CHECKPOINT).unlink(missing_ok=True)
+            _write_run(out_dir, run, result, model, save_weights)
         return result, model
 
 
