@@ -33,6 +33,7 @@ from paramtransfer.bench.suites import (
     setting_kind,
     suite_settings,
 )
+from paramtransfer.bench.summaries import write_suite_summary
 from paramtransfer.errors import UserError
 from paramtransfer.report import load_results
 from paramtransfer.train.checkpoint import atomic_write_bytes
@@ -192,6 +193,13 @@ def write_bench_report(layout: BenchLayout, out: str | Path | None = None) -> Be
             overview.append(
                 f"| {name} | {(entry or {}).get('mirrors', '—')} | {tally['agree']} | {tally['disagree']} | "
                 f"{tally['inconclusive']} | {tally['missing']} |"
+            )
+        if paper.get("summary") and layout.suites is not None:  # a table over the suite's settings
+            write_suite_summary(
+                paper["summary"],
+                lambda name, suite=suite: layout.results_dir(suite, name),
+                out / suite / "results" if layout.recorded else out / suite,
+                str(layout.suites / suite / PAPER_FILE),
             )
         head = f"## {suite}" + (f" — {titles[suite]}" if titles[suite] else "")
         intro = [head, ""]
