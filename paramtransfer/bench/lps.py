@@ -693,7 +693,7 @@ def format_lps_bench(
 def plot_lps(summary: dict[str, Any], path: Path) -> Path | None:
     """Fig. 3b (top-1 per branch), Fig. 3c (alignment ablation) and the ranking tau per score, side by side
     (only the panels whose results exist); None when there is nothing to draw."""
-    from paramtransfer.report.plots import plt
+    from paramtransfer.report.plots import plt, save_figure
 
     ev = summary["eval"]
     panels = [k for k in ("branches", "alignment") if k in ev] + (["rank"] if "rank" in summary else [])
@@ -730,11 +730,7 @@ def plot_lps(summary: dict[str, Any], path: Path) -> Path | None:
             ax.set_xticks(range(len(targets)), list(targets), fontsize=7)
             ax.set(ylabel="weighted Kendall τ", title="ranking sources vs fine-tuned accuracy")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 if "lps" not in KINDS.names():  # a re-imported module must not register twice

@@ -278,10 +278,7 @@ def plot_claims(claims: list[tuple[str, ClaimResult]], path: Path, title: str) -
     rows = [(name, c) for name, c in claims if c.diff is not None]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from paramtransfer.report.plots import plt, save_figure  # matplotlib with the Agg backend
 
     n = len(rows)
     fig, ax = plt.subplots(figsize=(10, 1.2 + 0.32 * n))
@@ -299,11 +296,7 @@ def plot_claims(claims: list[tuple[str, ClaimResult]], path: Path, title: str) -
     ax.set_title(f"{title}: the papers' claims on our results")
     handles = [plt.Rectangle((0, 0), 1, 1, color=_COLOURS[v]) for v in ("agree", "disagree", "inconclusive")]
     ax.legend(handles, ["agree", "disagree", "inconclusive"], fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 # ---- speed -----------------------------------------------------------------------------------------

@@ -14,6 +14,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from paramtransfer.report.tables import ft_level, label  # noqa: E402
 
 
+def save_figure(fig: Any, path: Path, dpi: int) -> Path:
+    """Lay out ``fig``, write it to ``path`` (its folder made if missing) as PNG and free it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -49,10 +58,7 @@ def plot_ft_layers(summary: dict[str, Any], path: Path) -> Path | None:
     ax.set_title(f"FT-l: {cfg.get('source')} → {cfg.get('target')} ({cfg.get('arch')})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_learning_curves(summary: dict[str, Any], path: Path) -> Path | None:
@@ -87,10 +93,7 @@ def plot_learning_curves(summary: dict[str, Any], path: Path) -> Path | None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_ptu_gates(summary: dict[str, Any], path: Path) -> Path | None:
@@ -143,10 +146,7 @@ def plot_ptu_gates(summary: dict[str, Any], path: Path) -> Path | None:
     ax.legend(handles, labels, fontsize=8, loc="upper right")
     cfg = summary.get("config", {})
     ax.set_title(f"PTU gates vs FT-l: {cfg.get('source')} → {cfg.get('target')} ({cfg.get('arch')})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _chosen_histories(summary: dict[str, Any], variant: str) -> list[dict[str, Any]]:
@@ -213,10 +213,7 @@ def plot_dtnh(summary: dict[str, Any], path: Path, max_rows: int = 6) -> Path | 
         for ax in (ax3, ax4, ax5):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def spottune_rows(summary: dict[str, Any], variants: Sequence[str] | None = None) -> list[tuple[str, list]]:
@@ -259,7 +256,4 @@ def plot_spottune_rows(rows: Sequence[tuple[str, list]], path: Path) -> Path:
         ax4.set_title(f"Fig. 4: {title}", fontsize=9)
         for ax in (ax3, ax4):
             ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
