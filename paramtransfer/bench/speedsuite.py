@@ -7,7 +7,7 @@ pixel values) and all in the calling process except the memory one:
   same architecture and batch: all models of one architecture are built first, then their training
   steps run interleaved (round-robin, one step of each method per round) and the median over
   ``repeats`` rounds is taken, then the same for one evaluation forward pass
-  (:func:`paramtransfer.experiments.speed.measure_arch`). A step is exactly what the trainer does per
+  (:func:`paramtransfer.bench.speed.measure_arch`). A step is exactly what the trainer does per
   batch: the method's loss terms, its backward (DTNH's correction included) and the optimizer step.
 * **DTNH over its base regulariser**: ``dtnh:l2sp`` / ``l2sp`` etc., from the same interleaved medians.
 * **trainer over a bare loop**: images per second of :func:`paramtransfer.train.trainer.fit`
