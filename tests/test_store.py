@@ -27,7 +27,8 @@ import pytest
 import torch
 
 import paramtransfer as pt
-from paramtransfer.cli import _effective_arch, main
+from paramtransfer.cli import main
+from paramtransfer.cli.run import _effective_arch
 from paramtransfer.errors import UserError
 from paramtransfer.models import store
 from paramtransfer.models.store import HASH_KEY, META, WEIGHTS, is_model_path, resolve_source, saved_arch
