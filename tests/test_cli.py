@@ -336,7 +336,7 @@ def test_help_lists_task_specs_and_environment(command, capsys):
 
 
 def test_out_not_writable_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
-    import paramtransfer.cli as cli
+    import paramtransfer.cli.common as cli  # _check_out asks os.access
 
     real_access = os.access
     locked = tmp_path / "locked"

@@ -27,7 +27,8 @@ import pytest
 import torch
 
 import paramtransfer as pt
-from paramtransfer.cli import _effective_arch, main
+from paramtransfer.cli import main
+from paramtransfer.cli.run import _effective_arch
 from paramtransfer.errors import UserError
 from paramtransfer.experiments import pretrain as pretrain_module
 from paramtransfer.experiments.pretrain import resolve_source
