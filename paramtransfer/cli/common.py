@@ -41,24 +41,22 @@ Environment:
 """
 
 
-def _floats(text: str) -> list[float]:
+def _number_list(text: str, kind: type, what: str) -> list:
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
     if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r} (none)")
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r} (none)")
     return values
+
+
+def _floats(text: str) -> list[float]:
+    return _number_list(text, float, "numbers")
 
 
 def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r} (none)")
-    return values
+    return _number_list(text, int, "integers")
 
 
 def _positive_int(text: str) -> int:
