@@ -16,7 +16,7 @@ $(BIN)/python:
 # torch==2.13.0 first: it is the CPU build on this disk; a bare `torch` requirement would pull a CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,ray]'
+	$(BIN)/pip install -q -e '.[dev,ray,imagenet]'
 	touch $(STAMP)
 
 data:

@@ -13,7 +13,7 @@ from paramtransfer.errors import UserError
 from paramtransfer.experiments.pretrain import pretrain, resolve_source
 from paramtransfer.experiments.run import run
 from paramtransfer.methods.base import list_methods, make_method
-from paramtransfer.models import LayeredNet, build_model, list_models, load_model, save_model
+from paramtransfer.models import LayeredNet, build_model, list_models, load_model, pretrained, save_model
 from paramtransfer.results import RunResult
 from paramtransfer.train import TrainConfig
 
@@ -32,6 +32,7 @@ __all__ = [
     "load_task",
     "make_method",
     "pretrain",
+    "pretrained",
     "resolve_source",
     "run",
     "save_model",

@@ -40,10 +40,13 @@ def command(args: argparse.Namespace) -> None:
         progress=True,
     )
     info = model.source_info
-    print(
-        f"{args.arch} on {args.source}: val accuracy {100 * info['val_accuracy']:.2f}%, "
-        f"test accuracy {100 * info['test_accuracy']:.2f}% ({info['wall_time_s']:.0f} s to train)"
-    )
+    if "val_accuracy" in info:
+        print(
+            f"{args.arch} on {args.source}: val accuracy {100 * info['val_accuracy']:.2f}%, "
+            f"test accuracy {100 * info['test_accuracy']:.2f}% ({info['wall_time_s']:.0f} s to train)"
+        )
+    else:  # shipped weights (--source imagenet): nothing was trained
+        print(f"{args.arch} with {args.source} weights, stored as a source")
     if args.out:
         extra = {k: v for k, v in info.items() if k not in model.describe()}
         print(f"saved to {save_model(model, args.out, extra)}")

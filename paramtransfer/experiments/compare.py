@@ -34,7 +34,7 @@ from paramtransfer.methods.base import (
     split_method_list,
 )
 from paramtransfer.models.layered import LayeredNet
-from paramtransfer.models.store import is_model_path
+from paramtransfer.models.store import is_model_path, is_source_name
 from paramtransfer.results import (
     ARCH_PREFIX,
     RESULT,
@@ -313,7 +313,7 @@ def compare(
     def source_for(arch_kwargs: dict[str, Any]) -> LayeredNet | None:
         key = json.dumps(arch_kwargs, sort_keys=True)
         if key not in sources:
-            if source is not None or is_model_path(config.source):
+            if source is not None or is_model_path(config.source) or is_source_name(config.source):
                 raise UserError(
                     "arch. options retrain the source with another architecture; they need the source "
                     f"as a task spec (e.g. fashion[0-4]), not a saved model ({config.source})"

@@ -2,8 +2,9 @@
 
 :mod:`paramtransfer.models.store` saves, loads and keys sources and never trains; this module trains a
 source the store does not hold yet (``scratch`` on the source task, with :func:`train_model`) and
-hands it to the store. :func:`resolve_source` turns a ``--source`` (a LayeredNet, a saved model path
-or a task spec) into a source model, pretraining it when it is a task spec.
+hands it to the store. :func:`resolve_source` turns a ``--source`` (a LayeredNet, a saved model path,
+a source name such as ``imagenet`` or a task spec) into a source model, pretraining it when it is a task
+spec.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from paramtransfer.data.specs import parse_spec
 from paramtransfer.errors import UserError
 from paramtransfer.experiments.run import train_model
+from paramtransfer.models.imagenet import pretrained
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import (
     META,
@@ -24,6 +26,7 @@ from paramtransfer.models.store import (
     _pretrain_cure,
     home,
     is_model_path,
+    is_source_name,
     load_model,
     save_model,
     source_key,
@@ -66,6 +69,8 @@ def pretrain(
     Processes that need the same source take turns under the lock ``<cache>/locks/<key>.lock``: the first
     trains and caches it, the others wait and load it.
     """
+    if is_source_name(spec):  # shipped weights: nothing to train (``pretrained`` stores them once)
+        return pretrained(arch, cache=cache)
     if is_model_path(spec):
         raise UserError(
             f"pretrain trains on a task spec, and {spec} is a path; give a task spec such as fashion[0-4] "
@@ -123,9 +128,14 @@ def resolve_source(
     are the architecture's options, e.g. ``{"depth": 32}``).
 
     Which one a string is follows :func:`is_model_path`: ``./fashion`` is a saved model, ``fashion`` the
-    dataset, even if a folder of that name exists."""
+    dataset, even if a folder of that name exists. ``imagenet`` is EfficientNet-Lite0's ImageNet weights
+    (``--arch efficientnet_lite0`` or no ``--arch``), see :func:`paramtransfer.models.imagenet.pretrained`."""
     if source is None or isinstance(source, torch.nn.Module):
         return source
+    if isinstance(source, str) and is_source_name(source):
+        if arch_kwargs:
+            raise UserError(f"the source {source} has fixed weights; drop the arch. options")
+        return pretrained(arch or "efficientnet_lite0")
     if isinstance(source, os.PathLike) or is_model_path(source):
         model = load_model(source)
         if arch is not None and arch != model.arch:

@@ -7,7 +7,9 @@ being pretrained holds the lock ``locks/<key>.lock`` under the same root, so two
 same source train it once: the second waits, then loads it.
 
 A ``--source`` string is a task spec or a path (:func:`is_model_path`): a task spec (``fashion``,
-``fashion[0-4]``, ``digits[...]``, ``folder:PATH``, ``npz:PATH``) always means the task; a saved model
+``fashion[0-4]``, ``digits[...]``, ``folder:PATH``, ``npz:PATH``) always means the task; a source name
+(:data:`SOURCE_NAMES`: ``imagenet``, weights that ship with a package, see
+:mod:`paramtransfer.models.imagenet`) means those weights; a saved model
 directory is written as a path: containing a ``/``, or starting with ``.`` or ``~`` (``./fashion``), or
 ending in ``.safetensors``. So a folder named ``fashion`` in the working directory never takes over
 ``--source fashion``.
@@ -42,6 +44,15 @@ HASH_KEY = "weights_sha256"
 _REQUIRED = ("arch", "num_classes", "in_shape", "arch_kwargs")
 
 
+# --source names that are neither a task spec nor a path: weights that ship with an installed package
+SOURCE_NAMES = ("imagenet",)
+
+
+def is_source_name(source: str) -> bool:
+    """Whether a ``--source`` string names shipped weights (``imagenet``) rather than a task or a path."""
+    return isinstance(source, str) and source.strip() in SOURCE_NAMES
+
+
 def home() -> Path:
     return Path(os.environ.get("PARAMTRANSFER_HOME") or Path.home() / ".cache" / "paramtransfer")
 
@@ -49,12 +60,13 @@ def home() -> Path:
 def is_model_path(source: str) -> bool:
     """Whether a ``--source`` string names a saved model (a path) rather than a task spec.
 
-    Task specs (``fashion``, ``digits[0-4]``, ``folder:PATH``, ``npz:PATH``) always mean the task. A path
+    Task specs (``fashion``, ``digits[0-4]``, ``folder:PATH``, ``npz:PATH``) always mean the task, a source
+    name (``imagenet``) the weights it names. A path
     contains a ``/`` (or the OS separator), or starts with ``.`` or ``~``, or ends in ``.safetensors``:
     ``./fashion`` is the saved model in the folder ``fashion``, ``fashion`` the dataset.
     """
     s = source.strip()
-    if s.startswith(("folder:", "npz:")):
+    if s.startswith(("folder:", "npz:")) or s in SOURCE_NAMES:
         return False
     separators = {"/", "\\", os.sep, *([os.altsep] if os.altsep else [])}
     return any(c in s for c in separators) or s.startswith((".", "~")) or s.endswith(".safetensors")

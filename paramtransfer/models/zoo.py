@@ -1,4 +1,4 @@
-"""The model zoo: lenet, resnet20, mobilenet and rnn as LayeredNets, registered by name.
+"""The model zoo: lenet, resnet20, mobilenet, rnn and efficientnet_lite0 as LayeredNets, registered by name.
 
 :func:`build_model` checks the options before it builds (a saved ``meta.json`` or a ``--set arch.NAME=V``
 can ask for anything): only an architecture's own options, integers that are positive, an input shape of
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paramtransfer.errors import UserError
+from paramtransfer.models.efficientnet import efficientnet_lite0
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.registry import Registry
 
@@ -226,6 +227,10 @@ def rnn(
     )
 
 
+# EfficientNet-Lite0 (ImageNet weights: source ``imagenet``, see :mod:`paramtransfer.models.imagenet`)
+MODELS.register("efficientnet_lite0")(efficientnet_lite0)
+
+
 def _is_positive_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
 
@@ -305,7 +310,8 @@ def build_model(
     """Build a zoo architecture as a LayeredNet.
 
     Args:
-        arch: ``lenet``, ``resnet20``, ``mobilenet`` or ``rnn`` (see :func:`list_models`).
+        arch: ``lenet``, ``resnet20``, ``mobilenet``, ``rnn`` or ``efficientnet_lite0`` (see
+            :func:`list_models`).
         num_classes: size of the task layer.
         in_channels: input channels (shortcut for ``in_shape=(C, 28, 28)``).
         in_shape: full input shape ``(C, H, W)``; default ``(1, 28, 28)``.
