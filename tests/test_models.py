@@ -24,6 +24,7 @@ SMALL = {
     "resnet20": {"width": 4},
     "mobilenet": {"width": 4},
     "rnn": {"hidden": 8},
+    "efficientnet_lite0": {},  # fixed width: the ImageNet architecture
 }
 
 
@@ -35,8 +36,8 @@ def _state_equal(a: nn.Module, b: nn.Module) -> bool:
 # -------------------------------------------------------------------------------------------------- zoo
 
 
-def test_zoo_lists_the_four_architectures() -> None:
-    assert ZOO == ["lenet", "mobilenet", "resnet20", "rnn"]
+def test_zoo_lists_the_five_architectures() -> None:
+    assert ZOO == ["efficientnet_lite0", "lenet", "mobilenet", "resnet20", "rnn"]
     assert pt.list_models() == ZOO
 
 
