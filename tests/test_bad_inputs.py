@@ -541,6 +541,36 @@ CASES: list[Case] = [
         _plain("compare", "--executor", "ray", "--address", "ray://127.0.0.1:1", "--quiet"),
         "ray://127.0.0.1:1" if _STORE_RAY else "paramtransfer[ray]",
     ),
+    # the ImageNet source
+    Case(
+        "imagenet-source-for-another-arch",
+        _plain(*RUN, "--method", "finetune", "--source", "imagenet", "--arch", "lenet"),
+        "no ImageNet weights for 'lenet'",
+    ),
+    Case(
+        "imagenet-pretrain-for-another-arch",
+        _plain("pretrain", "--source", "imagenet", "--arch", "resnet20"),
+        "no ImageNet weights for 'resnet20'",
+    ),
+    Case(
+        "imagenet-source-with-arch-option",
+        _plain(
+            "compare",
+            "--source",
+            "imagenet",
+            "--arch",
+            "efficientnet_lite0",
+            "--methods",
+            "finetune[arch.width=2]",
+            "--quiet",
+        ),
+        "arch. options",
+    ),
+    Case(
+        "spottune-on-efficientnet",
+        _plain(*RUN, "--method", "spottune", "--source", "imagenet", "--arch", "efficientnet_lite0"),
+        "spottune",
+    ),
     Case(
         "ray-unreadable-address",
         _plain("compare", "--executor", "ray", "--address", "host:port", "--quiet"),
