@@ -123,22 +123,16 @@ class _GlobalAvgPool(nn.Module):
 
 
 class EfficientNetLite(LayeredNet):
-    """A LayeredNet that also knows its ImageNet input: :meth:`normalize`, :attr:`native_size`.
-
-    ``class_names`` is ``None``: nothing installed ships the 1000 ImageNet class names, so a source built
-    from the ImageNet weights names its classes by index.
-    """
+    """A LayeredNet that also knows its ImageNet input: :attr:`native_size` and the TF normalisation
+    ``(x*255 - 127) / 128`` (:meth:`LayeredNet.normalize` with mean 127/255, std 128/255)."""
 
     native_size = NATIVE_SIZE
-    input_mean = (INPUT_MEAN,) * 3
-    input_std = (INPUT_STD,) * 3
-    class_names: list[str] | None = None
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Images with pixels in [0, 1] (``[N, 3, H, W]``) -> the network's input, ``(x*255 - 127) / 128``."""
-        mean = torch.tensor(self.input_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.input_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        c = int(self.in_shape[0])
+        self.input_mean = (INPUT_MEAN,) * c
+        self.input_std = (INPUT_STD,) * c
 
     def residual_blocks(self) -> list[tuple[int, int, MBConv]]:
         """``(block index, index in the stage, MBConv)`` of every MBConv with an identity shortcut."""

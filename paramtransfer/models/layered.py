@@ -76,6 +76,11 @@ class LayeredNet(nn.Module):
     """
 
     sequential = True  # blocks can be run one by one (wrapped models cannot guarantee this)
+    # The input the net expects: pixels x in [0, 1] become (x - mean) / std per channel; None means 0.5
+    # for every channel (pixels in [-1, 1], the zoo's convention). ImageNet nets set their own.
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
+    class_names: list[str] | None = None  # names of the source's classes, when known
 
     def __init__(
         self,
@@ -94,6 +99,20 @@ class LayeredNet(nn.Module):
         self.arch = arch
         self.in_shape = tuple(in_shape)
         self.arch_kwargs = dict(arch_kwargs or {})
+
+    def input_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel ``(mean, std)`` of the input normalisation (see :meth:`normalize`)."""
+        c = int(self.in_shape[0])
+        mean = tuple(self.input_mean) if self.input_mean is not None else (0.5,) * c
+        std = tuple(self.input_std) if self.input_std is not None else (0.5,) * c
+        return mean, std
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Images with pixels in [0, 1] (``[N, C, H, W]``) -> the network's input ``(x - mean) / std``."""
+        mean, std = self.input_stats()
+        m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (x - m) / s
 
     @property
     def num_blocks(self) -> int:
@@ -191,13 +210,19 @@ class LayeredNet(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """What rebuilds this architecture (stored beside saved weights)."""
-        return {
+        info: dict[str, Any] = {
             "arch": self.arch,
             "arch_kwargs": self.arch_kwargs,
             "in_shape": list(self.in_shape),
             "num_classes": self.num_classes,
             "num_blocks": self.num_blocks,
         }
+        if self.input_mean is not None or self.input_std is not None:
+            mean, std = self.input_stats()
+            info["input_mean"], info["input_std"] = list(mean), list(std)
+        if self.class_names is not None:
+            info["class_names"] = list(self.class_names)
+        return info
 
     @staticmethod
     def wrap(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -202,8 +203,36 @@ def load_model(path: str | os.PathLike, *, cure: str | None = None) -> LayeredNe
     if mismatch:
         fail(weights, f"does not fit the {meta['arch']} described in {META}: {mismatch}")
     model.load_state_dict(tensors)
+    _restore_input(model, meta, fail, d / META)
     model.source_info = meta
     return model
+
+
+def _restore_input(
+    model: LayeredNet, meta: dict[str, Any], fail: Callable[[Path, str], NoReturn], path: Path
+) -> None:
+    """The input normalisation and class names that ``meta`` records (see ``LayeredNet.describe``)."""
+    c = int(model.in_shape[0])
+    for key in ("input_mean", "input_std"):
+        value = meta.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, list) and len(value) == c
+        ok = ok and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
+        )
+        if not ok or (key == "input_std" and min(value) <= 0):
+            fail(path, f"has a {key} that is not {c} finite numbers{' > 0' if key == 'input_std' else ''}")
+        setattr(model, key, tuple(float(v) for v in value))
+    names = meta.get("class_names")
+    if names is not None:
+        if not (
+            isinstance(names, list)
+            and len(names) == model.num_classes
+            and all(isinstance(n, str) for n in names)
+        ):
+            fail(path, f"has class_names that are not {model.num_classes} strings")
+        model.class_names = list(names)
 
 
 def _state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
