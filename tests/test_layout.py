@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "paramtransfer"
 # folder locks, standard library only) is a leaf that every layer writes files with, the rest of
 # ``train`` builds on models and methods.
 LAYERS: list[set[str]] = [
-    {"errors", "registry", "metrics", "train.checkpoint"},
+    {"errors", "registry", "metrics", "runtime", "train.checkpoint"},
     {"data"},
     {"models"},
     {"methods", "optim", "train"},

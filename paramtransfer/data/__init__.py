@@ -3,7 +3,18 @@
 May import: errors.
 """
 
+from paramtransfer.data.pipeline import Augment, InputSpec, fit_shape, to_input
 from paramtransfer.data.specs import TaskSpec, parse_spec
-from paramtransfer.data.task import Split, Task, fit_shape, load_task
+from paramtransfer.data.task import Split, Task, load_task
 
-__all__ = ["Split", "Task", "TaskSpec", "fit_shape", "load_task", "parse_spec"]
+__all__ = [
+    "Augment",
+    "InputSpec",
+    "Split",
+    "Task",
+    "TaskSpec",
+    "fit_shape",
+    "load_task",
+    "parse_spec",
+    "to_input",
+]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from paramtransfer.data.pipeline import InputSpec, to_input
 from paramtransfer.data.sources import RawData, load_digits, load_fashion, load_folder, load_npz
 from paramtransfer.data.specs import TaskSpec, parse_spec
 from paramtransfer.errors import UserError
@@ -19,16 +22,66 @@ _TEST_FRACTION = 1 / 3
 
 @dataclass
 class Split:
-    x: torch.Tensor  # [N, C, H, W] float32, normalised to [-1, 1]
+    """One split of a task: raw images and labels; :meth:`inputs` converts rows to the model's input.
+
+    Attributes:
+        images: the pixels as the dataset gives them, ``[N, C, H, W]`` at native resolution: uint8, or
+            float in [0, 1] (e.g. digits); or an object with the same indexing that reads them from disk
+            on demand (a streamed folder, :class:`~paramtransfer.data.files.ImageFiles`).
+        y: ``[N]`` int64 labels in ``[0, num_classes)``.
+        spec: the model's input (:class:`InputSpec`), set by :func:`load_task` / :meth:`Task.with_input`;
+            ``None``: ``images`` already are model inputs (hand-made splits) and pass unchanged.
+    """
+
+    images: Any
     y: torch.Tensor  # [N] int64 in [0, num_classes)
+    spec: InputSpec | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the images are read from disk batch by batch (not held in memory)."""
+        return not isinstance(self.images, torch.Tensor)
+
+    def raw(self, idx: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Rows ``idx`` (all by default) of the raw images, decoded."""
+        rows = self.images if idx is None else self.images[idx]
+        return rows if isinstance(rows, torch.Tensor) else rows.load()
+
+    def convert(self, raw: torch.Tensor, crops: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw rows -> model input (see :func:`~paramtransfer.data.pipeline.to_input`)."""
+        if self.spec is None:
+            return raw
+        return to_input(raw, self.spec, crops)
+
+    def inputs(
+        self, idx: torch.Tensor | slice | None = None, crops: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows ``idx`` converted to the model's input (``crops``: training augmentation)."""
+        return self.convert(self.raw(idx), crops)
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The whole split as model input (converted on every access: loops over a large split should use
+        :meth:`chunks`)."""
+        return self.inputs()
+
+    def chunks(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(inputs, labels)`` of consecutive rows, ``size`` at a time, in order."""
+        for start in range(0, len(self), size):
+            rows = slice(start, start + size)
+            yield self.inputs(rows), self.y[rows]
+
+    def with_spec(self, spec: InputSpec | None) -> Split:
+        return Split(self.images, self.y, spec)
+
 
 @dataclass
 class Task:
-    """A classification task ready to train on: every split lives in memory as tensors."""
+    """A classification task ready to train on: labelled splits of raw images and the input they are
+    converted to at batch time (:class:`InputSpec`, the same for every split)."""
 
     spec: str
     classes: tuple[str, ...]
@@ -44,8 +97,19 @@ class Task:
         return len(self.classes)
 
     @property
+    def input_spec(self) -> InputSpec | None:
+        return self.train.spec
+
+    @property
     def in_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+        if self.train.spec is not None:
+            return self.train.spec.in_shape
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+    def with_input(self, spec: InputSpec) -> Task:
+        """The same task (same images, same splits) converted to another input; nothing is copied."""
+        splits = {name: getattr(self, name).with_spec(spec) for name in ("train", "val", "test")}
+        return dataclasses.replace(self, **splits)
 
     def summary(self) -> str:
         shots = f", {self.shots} shots" if self.shots else ""
@@ -53,27 +117,6 @@ class Task:
             f"{self.spec}: {self.num_classes} classes{shots}, train {len(self.train)}, "
             f"val {len(self.val)}, test {len(self.test)}, input {tuple(self.in_shape)}"
         )
-
-
-def fit_shape(x: torch.Tensor, in_shape: tuple[int, int, int]) -> torch.Tensor:
-    """Convert images ``[N, C, H, W]`` to ``in_shape`` (grey <-> RGB, bilinear resize)."""
-    c, h, w = in_shape
-    if x.shape[1] != c:
-        if x.shape[1] == 1:
-            x = x.expand(-1, c, -1, -1)
-        elif c == 1 and x.shape[1] in (3, 4):
-            x = x[:, :3].mean(dim=1, keepdim=True)
-        else:
-            raise UserError(f"cannot convert {x.shape[1]}-channel images to the model's {c} channels")
-    if tuple(x.shape[2:]) != (h, w):
-        shrink = x.shape[2] > h or x.shape[3] > w
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
-    return x.contiguous()
-
-
-def _to_model_input(x: torch.Tensor, in_shape: tuple[int, int, int]) -> torch.Tensor:
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    return (fit_shape(x, in_shape) - 0.5) / 0.5
 
 
 def _load_raw(spec: TaskSpec, data_dir: str | None) -> RawData:
@@ -127,6 +170,8 @@ def load_task(
     test_limit: int | None = None,
     in_shape: tuple[int, int, int] = DEFAULT_SHAPE,
     data_dir: str | None = None,
+    input_spec: InputSpec | None = None,
+    image_size: int | None = None,
 ) -> Task:
     """Resolve a task spec into seeded train/val/test splits.
 
@@ -138,9 +183,14 @@ def load_task(
             ``shots``, ``val_fraction`` of each class's training pool is held out instead.
         limit: cap on the number of training examples (random, seeded), e.g. to pretrain quickly.
         test_limit: cap on the number of test examples (random, fixed across seeds).
-        in_shape: the model's input shape; images are converted to it (Fashion is 1x28x28 already,
-            digits are upsampled from 8x8).
+        in_shape: the model's input shape; images are converted to it at batch time (Fashion is 1x28x28
+            already, digits are upsampled from 8x8), normalised to [-1, 1].
+        input_spec: the model's input in full (channels, size, normalisation); overrides ``in_shape``.
+        image_size: the side the images are resized to (overrides the size of ``in_shape``/``input_spec``).
         data_dir: folder with the Fashion-MNIST idx files (default $PARAMTRANSFER_DATA, then Debian's).
+
+    Images stay raw (native resolution, uint8 where the data are 8-bit); each split converts them to
+    the model's input when a batch is taken (:meth:`Split.inputs`).
 
     The validation split is carved out of the training split; the test split is the dataset's official
     one (Fashion) or a fixed third of each class (digits, folders, npz without ``x_test``).
@@ -218,12 +268,13 @@ def load_task(
         pick = torch.randperm(len(y_test), generator=torch.Generator().manual_seed(_TEST_SEED))[:test_limit]
         x_test, y_test = x_test[pick], y_test[pick]
 
+    spec_in = (input_spec or InputSpec.of(in_shape)).resized(image_size)
     return Task(
         spec=str(parsed),
         classes=tuple(raw.classes[c] for c in chosen),
-        train=Split(_to_model_input(raw.x[train_sel], in_shape), remap[raw.y[train_sel]]),
-        val=Split(_to_model_input(raw.x[val_sel], in_shape), remap[raw.y[val_sel]]),
-        test=Split(_to_model_input(x_test, in_shape), y_test),
+        train=Split(raw.x[train_sel], remap[raw.y[train_sel]], spec_in),
+        val=Split(raw.x[val_sel], remap[raw.y[val_sel]], spec_in),
+        test=Split(x_test, y_test, spec_in),
         seed=seed,
         shots=shots,
         info={"dataset": parsed.dataset, "source_classes": list(chosen)},

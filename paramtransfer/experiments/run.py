@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
+from paramtransfer.data.pipeline import InputSpec
 from paramtransfer.data.task import DEFAULT_SHAPE, Task, load_task
 from paramtransfer.errors import UserError
 from paramtransfer.methods.base import Method, make_config, make_method
@@ -22,6 +23,13 @@ from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import save_model
 from paramtransfer.models.zoo import build_model
 from paramtransfer.results import RESULT, RunResult
+from paramtransfer.runtime import (
+    Runtime,
+    check_device_name,
+    check_precision,
+    module_device,
+    resolve_device,
+)
 from paramtransfer.train.checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
@@ -33,7 +41,6 @@ from paramtransfer.train.trainer import (
     TrainConfig,
     evaluate,
     fit,
-    to_memory_format,
     uses_channels_last,
 )
 
@@ -62,18 +69,27 @@ def _source_identity(source: LayeredNet | None) -> str:
     return h.hexdigest()[:16]
 
 
-# Training options that only add records to the history: at these values they are left out of a run's
-# fingerprint, so that results from before the option existed are still reused.
+# Options left out of a run's fingerprint at these values, so that results from before they existed
+# are still reused: trace_test only adds records (left out of the current fingerprint; the older one of
+# ``fingerprints[1]`` kept it), the others are what every run did before they existed (no augmentation,
+# float32, the source's image size) and are left out of both.
 _OBSERVATIONAL_DEFAULTS = {"trace_test": False}
+_NEW_DEFAULTS = {"augment": False, "precision": "32", "image_size": None}
+# Never part of a run's identity: where it ran.
+_PLACE = ("device",)
+
+
+def _without(options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in _PLACE and defaults.get(k, ...) != v}
 
 
 def _fingerprint(identity: list[Any], *, omit_defaults: bool) -> str:
-    if omit_defaults and identity[4].get("train"):
-        train = dict(identity[4]["train"])
-        for key, default in _OBSERVATIONAL_DEFAULTS.items():
-            if train.get(key) == default:
-                train.pop(key)
-        identity = [*identity[:4], {**identity[4], "train": train}, *identity[5:]]
+    config = dict(identity[4])
+    defaults = {**_NEW_DEFAULTS, **(_OBSERVATIONAL_DEFAULTS if omit_defaults else {})}
+    for part in ("train", "data"):
+        if config.get(part):
+            config[part] = _without(config[part], defaults)
+    identity = [*identity[:4], config, *identity[5:]]
     text = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -132,19 +148,63 @@ def _check_request(
         raise UserError("the source must be a LayeredNet (wrap other models with LayeredNet.wrap)")
 
 
+def input_spec_of(source: LayeredNet | None, image_size: int | None = None) -> InputSpec:
+    """What the run feeds its networks: the source's input (channels, size, normalisation), at
+    ``image_size`` pixels if given; without a source, the zoo's 1x28x28 in [-1, 1]."""
+    if source is None:
+        return InputSpec.of(DEFAULT_SHAPE).resized(image_size)
+    mean, std = source.input_stats()
+    return InputSpec.of(tuple(source.in_shape), mean, std).resized(image_size)
+
+
+def runtime_of(train_options: dict[str, Any] | None) -> Runtime:
+    """The device and precision that ``train_options`` ask for (``device``, ``precision``), resolved:
+    a device this machine lacks is a UserError. Methods that do not train use it for their features."""
+    opts = train_options or {}
+    device = resolve_device(check_device_name(str(opts.get("device", "auto"))))
+    augment = opts.get("augment", False)
+    return Runtime(device, check_precision(str(opts.get("precision", "32")), device), augment is True)
+
+
+def _check_source_size(source: LayeredNet | None, spec: InputSpec) -> None:
+    """Refuse an image size the source cannot take (e.g. a LeNet, whose task layer is sized for 28x28),
+    with one forward pass of a blank image (only when the size differs from the source's own)."""
+    if source is None or tuple(spec.in_shape) == tuple(source.in_shape):
+        return
+    was = source.training
+    source.eval()
+    try:
+        with torch.no_grad():
+            source(torch.zeros(1, *spec.in_shape, device=module_device(source)))
+    except RuntimeError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(
+            f"the source ({source.arch}, input {tuple(source.in_shape)}) cannot take "
+            f"{spec.size[0]}x{spec.size[1]} images ({first}); drop --image-size or use "
+            f"--image-size {source.in_shape[-1]}"
+        ) from None
+    finally:
+        source.train(was)
+
+
 def _target_task(
     target: str | Task, source: LayeredNet | None, shots: int | None, seed: int, data: dict[str, Any]
 ) -> Task:
-    """The target task, in the source's input shape (``data``: val_shots, limit, test_limit)."""
-    in_shape = tuple(source.in_shape) if source is not None else DEFAULT_SHAPE
+    """The target task, converted to the source's input (``data``: val_shots, limit, test_limit,
+    image_size); a given Task is re-targeted to that input (its images are not copied)."""
+    data = dict(data)
+    spec = input_spec_of(source, data.pop("image_size", None))
+    _check_source_size(source, spec)
     if not isinstance(target, Task):
-        return load_task(target, shots, seed, in_shape=in_shape, **data)
-    if source is not None and tuple(target.in_shape) != in_shape:
-        raise UserError(
-            f"the source takes inputs of shape {in_shape} but the target {target.spec} gives "
-            f"{tuple(target.in_shape)}; load it with in_shape={in_shape}"
-        )
-    return target
+        return load_task(target, shots, seed, input_spec=spec, **data)
+    if target.input_spec is None:  # hand-made splits of model inputs: they must fit as they are
+        if source is not None and tuple(target.in_shape) != tuple(spec.in_shape):
+            raise UserError(
+                f"the source takes inputs of shape {tuple(spec.in_shape)} but the target {target.spec} "
+                f"gives {tuple(target.in_shape)}; build its splits in that shape"
+            )
+        return target
+    return target.with_input(spec)
 
 
 def _setup(
@@ -189,7 +249,7 @@ def _build_target(run: _RunSetup, arch: str | None, arch_kwargs: dict[str, Any] 
     """The model to train (under the caller's seeded RNG): the method's, or the bare architecture for a
     method that trains from scratch without a source."""
     m, task = run.method, run.task
-    in_shape = tuple(run.source.in_shape) if run.source is not None else DEFAULT_SHAPE
+    in_shape = tuple(task.in_shape)
     if run.source is None and arch is not None and not m.needs_source:
         return build_model(arch, task.num_classes, in_shape=in_shape, seed=run.seed, **(arch_kwargs or {}))
     return m.build(run.source, task.num_classes, arch=run.arch, in_shape=in_shape, seed=run.seed)
@@ -214,8 +274,14 @@ def _trained_result(run: _RunSetup, model: nn.Module, outcome: FitOutcome, t0: f
     ok = not outcome.diverged
     test_acc = None
     if ok:
-        x_test = to_memory_format(task.test.x, uses_channels_last(model, train_cfg))
-        test_acc, _ = evaluate(m, model, x_test, task.test.y, train_cfg.eval_batch_size)
+        test_acc, _ = evaluate(
+            m,
+            model,
+            task.test,
+            batch_size=train_cfg.eval_batch_size,
+            runtime=m.runtime,
+            channels_last=uses_channels_last(model, train_cfg),
+        )
     diagnostics = {
         "classes": list(task.classes),
         "trainable_params": _count(p for g in m.param_groups(model) for p in g["params"]),
@@ -276,6 +342,7 @@ def train_model(
     limit: int | None = None,
     val_shots: int | None = None,
     test_limit: int | None = None,
+    image_size: int | None = None,
     train_options: dict[str, Any] | None = None,
     method_options: dict[str, Any] | None = None,
     out: str | Path | None = None,
@@ -297,7 +364,10 @@ def train_model(
     """
     m = make_method(method, **(method_options or {}))
     _check_request(m, source, arch, out, save_weights)
+    m.runtime = runtime_of(train_options)  # an absent --device fails here, before any data loads
     data = {"val_shots": val_shots, "limit": limit, "test_limit": test_limit}
+    if image_size is not None:
+        data["image_size"] = image_size
     task = _target_task(target, source, shots, seed, data)
     run = _setup(
         m,

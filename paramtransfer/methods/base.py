@@ -31,6 +31,7 @@ from paramtransfer.errors import UserError
 from paramtransfer.models.layered import LayeredNet, freeze, unfreeze
 from paramtransfer.models.zoo import build_model
 from paramtransfer.registry import Registry
+from paramtransfer.runtime import Runtime
 
 
 class _MethodRegistry(Registry["type[Method]"]):
@@ -77,6 +78,9 @@ class Method:
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
+        # device, precision and augmentation of the run; the trainer (or the run, for methods that do
+        # not train) sets it before ``prepare`` / ``fit_evaluate``
+        self.runtime = Runtime()
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod

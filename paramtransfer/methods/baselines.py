@@ -19,6 +19,7 @@ from paramtransfer.methods.base import (
     transfer_copy,
 )
 from paramtransfer.models.layered import LayeredNet
+from paramtransfer.runtime import Runtime
 
 
 @register_method("scratch")
@@ -129,12 +130,12 @@ class LinearProbe(Method):
         return model
 
 
-def _embed(model: LayeredNet, x: torch.Tensor, batch: int = 1024) -> np.ndarray:
+def _embed(model: LayeredNet, split: Any, runtime: Runtime, batch: int = 1024) -> np.ndarray:
+    """The penultimate features of ``model`` over a split, in eval mode, as a float64-ready array."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            return torch.cat([model.embed(x[i : i + batch]) for i in range(0, len(x), batch)]).numpy()
+        return runtime.map(model.embed, split, batch).numpy()
     finally:
         model.train(was_training)
 
@@ -170,9 +171,13 @@ class KNN(Method):
         c: KNNConfig = self.config  # type: ignore[assignment]
         if c.features == "source":
             src = self._require_source(source)
-            xs = [_embed(src, s.x) for s in (task.train, task.val, task.test)]
+            src.to(self.runtime.device)
+            xs = [_embed(src, s, self.runtime) for s in (task.train, task.val, task.test)]
         else:
-            xs = [s.x.flatten(1).numpy() for s in (task.train, task.val, task.test)]
+            xs = [
+                torch.cat([x.flatten(1) for x, _ in s.chunks(1024)]).numpy()
+                for s in (task.train, task.val, task.test)
+            ]
         ys = [s.y.numpy() for s in (task.train, task.val, task.test)]
         scores = {}
         for k in c.ks:

@@ -173,8 +173,9 @@ class Delta(KnowDist):
     def prepare(self, model: nn.Module, task: Any) -> None:
         c: DeltaConfig = self.config  # type: ignore[assignment]
         k = c.attention_examples
-        x = task.train.x[:k].contiguous(memory_format=torch.contiguous_format)
-        self.weights = channel_attention(model.source, x, task.train.y[:k], self.layers, c.temperature)
+        rt = self.runtime
+        x = rt.to(task.train.inputs(slice(0, k)))
+        self.weights = channel_attention(model.source, x, rt.to(task.train.y[:k]), self.layers, c.temperature)
 
     def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.weights is None:

@@ -397,26 +397,25 @@ class _PTUMethodBase(Method):
     wants_batch_index = True
 
     def prepare(self, model: nn.Module, task: Any) -> None:
-        """Compute the source activations of the whole training split once, if they fit the budget."""
+        """Compute the source activations of the whole training split once, if they fit the budget
+        (never while the training inputs are augmented: an example's activations then change per step)."""
         c: PTUConfig = self.config  # type: ignore[assignment]
         self._cache: Any = None
-        x = task.train.x
-        if not c.source_cache_mb or not len(x):
+        split, rt = task.train, self.runtime
+        if rt.augmenting or not c.source_cache_mb or not len(split):
             return
         channels_last = next(model.target.parameters()).is_contiguous(memory_format=torch.channels_last)
         was_training = model.training
         model.eval()
         try:
-            first = _flat(model.source_activations(x[:1]))
-            per_example = sum(t.numel() * t.element_size() for t in first)
-            if per_example * len(x) > c.source_cache_mb * 2**20:
-                return
-            chunks = []
-            for start in range(0, len(x), 512):
-                xb = x[start : start + 512]
-                if channels_last and xb.dim() == 4:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                chunks.append(model.source_activations(xb))
+            with torch.no_grad(), rt.autocast():
+                first = _flat(model.source_activations(rt.to(split.inputs(slice(0, 1)))))
+                per_example = sum(t.numel() * t.element_size() for t in first)
+                if per_example * len(split) > c.source_cache_mb * 2**20:
+                    return
+                chunks = [
+                    model.source_activations(xb) for xb in rt.inputs(split, 512, channels_last=channels_last)
+                ]
         finally:
             model.train(was_training)
         self._cache = _concat(chunks)
@@ -445,8 +444,9 @@ class _PTUMethodBase(Method):
             for k, unit in model.units.items()
         ]
         try:
-            for start in range(0, len(task.test.x), 500):
-                model(task.test.x[start : start + 500])
+            for xb in self.runtime.inputs(task.test, 500):
+                with self.runtime.autocast():
+                    model(xb)
         finally:
             for h in handles:
                 h.remove()

@@ -313,15 +313,17 @@ class SpotTune(Method):
         """End-of-epoch hook for variants that fix a policy (see :class:`SpotTuneGlobal`)."""
 
     @torch.no_grad()
-    def routes(self, model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
-        """Evaluation-time decisions ``[N, L]`` for ``x``."""
+    def routes(self, model: nn.Module, x: Any, batch: int = 500) -> torch.Tensor:
+        """Evaluation-time decisions ``[N, L]`` for inputs ``x`` (a tensor, or a task's split)."""
         model.eval()
+        if not isinstance(x, torch.Tensor):
+            return self.runtime.map(model.decide, x, batch)
         return torch.cat([model.decide(x[i : i + batch]) for i in range(0, len(x), batch)])
 
     def diagnostics(self, model: nn.Module, task: Any) -> dict[str, Any]:
         """Fig. 3: fraction of test examples through each fine-tuned block; Fig. 4: how many fine-tuned
         blocks each test example used (histogram over 0..L)."""
-        route = self.routes(model, task.test.x)
+        route = self.routes(model, task.test)
         used = route.sum(1).long()
         return {
             "routed_blocks": model.routed,

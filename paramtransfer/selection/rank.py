@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 
-from paramtransfer.data.task import Task, load_task
+from paramtransfer.data.task import Split, Task, load_task
 from paramtransfer.errors import UserError
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import WEIGHTS, load_model
 from paramtransfer.models.zoo import build_model
+from paramtransfer.runtime import Runtime, module_device
 from paramtransfer.selection.lps import model_parameters, similarity
 from paramtransfer.selection.modelset import INDEX, EvalConfig, ModelSet, load_modelset, train_second_order
 from paramtransfer.selection.scores import hscore, leep, logme, nce
@@ -88,20 +89,27 @@ def find_candidates(sources: list[str | Path]) -> tuple[list[Candidate], Path | 
 
 
 @torch.no_grad()
-def _outputs(model: LayeredNet, x: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features and softmax outputs of ``model`` on ``x``."""
+def _outputs(
+    model: LayeredNet, split: Any, runtime: Runtime | None = None, batch: int = 500
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features and softmax outputs of ``model`` on a split (a Split, or model inputs)."""
+    rt = runtime or Runtime(module_device(model))
     model.eval()
-    feats, probs = [], []
-    for i in range(0, len(x), batch):
-        f = model.embed(x[i : i + batch])
-        feats.append(f)
-        probs.append(torch.softmax(model.head(f), dim=1))
-    return torch.cat(feats).double(), torch.cat(probs).double()
+    if isinstance(split, torch.Tensor):
+        split = Split(split, torch.zeros(len(split), dtype=torch.long))
+
+    def both(x: torch.Tensor) -> torch.Tensor:
+        f = model.embed(x)
+        return torch.cat([f, torch.softmax(model.head(f), dim=1)], dim=1)
+
+    out = rt.map(both, split, batch)
+    d = out.shape[1] - model.num_classes
+    return out[:, :d].double(), out[:, d:].double()
 
 
 def fast_scores(model: LayeredNet, task: Task) -> dict[str, float]:
     """LogME, LEEP, NCE and H-score of ``model`` on the target's training split."""
-    feats, probs = _outputs(model, task.train.x)
+    feats, probs = _outputs(model, task.train)
     y = task.train.y
     return {
         "logme": logme(feats, y),

@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paramtransfer.data.pipeline import Augment, sample_crops
 from paramtransfer.errors import UserError
 from paramtransfer.models.layered import is_frozen
+from paramtransfer.runtime import PRECISIONS, Runtime, check_device_name, check_precision, resolve_device
 from paramtransfer.train.checkpoint import load_checkpoint, save_checkpoint
 
 Callback = Callable[..., None]
@@ -46,6 +48,12 @@ class TrainConfig:
             makes LeNet steps ~1.4x and ResNet-20 steps ~1.35x faster, and depth-wise convolutions 3x).
         trace_test: also record test loss and accuracy after every epoch (for plots such as DTNH's
             Fig. 3; never used to select anything; costs one pass over the test split per epoch).
+        augment: train on random-resized crops with horizontal flips of the training images (the
+            ImageNet recipe, :class:`~paramtransfer.data.pipeline.Augment`); off by default, as for
+            28x28 sources. Caches of per-example activations are off while it is on.
+        device: ``auto`` (CUDA if present, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``
+            (see :mod:`paramtransfer.runtime`); not part of a run's identity.
+        precision: ``32``, ``bf16`` or ``16`` (autocast; ``16`` with a GradScaler).
     """
 
     epochs: int = 30
@@ -63,8 +71,18 @@ class TrainConfig:
     channels_last: bool | None = None
     eval_batch_size: int = 1000
     trace_test: bool = False
+    augment: bool = False
+    device: str = "auto"
+    precision: str = "32"
 
     def __post_init__(self) -> None:
+        for name in ("augment", "trace_test"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false (got {getattr(self, name)!r})")
+        check_device_name(self.device)
+        if str(self.precision) not in PRECISIONS:
+            raise UserError(f"precision {self.precision!r} is unknown; use 32, bf16 or 16")
+        self.precision = str(self.precision)
         for name in ("epochs", "batch_size", "eval_batch_size", "step_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -158,17 +176,37 @@ def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(
-    method: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
+    method: Any,
+    model: nn.Module,
+    split: Any,
+    y: torch.Tensor | None = None,
+    batch_size: int = 1000,
+    *,
+    runtime: Runtime | None = None,
+    channels_last: bool = False,
 ) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of ``method.predict`` on ``(x, y)``, in eval mode."""
+    """Accuracy and mean cross-entropy of ``method.predict`` on a split, in eval mode.
+
+    ``split`` is a :class:`~paramtransfer.data.task.Split` (converted to the model's input in chunks of
+    ``batch_size``) or a tensor of inputs with labels ``y``. ``runtime`` gives the device and precision
+    (default: the CPU in float32)."""
+    rt = runtime or Runtime()
     model.eval()
-    correct, loss = 0, 0.0
-    for i in range(0, len(y), batch_size):
-        logits = method.predict(model, x[i : i + batch_size])
-        yb = y[i : i + batch_size]
+    correct, loss, n = 0, 0.0, 0
+    chunks = (
+        split.chunks(batch_size)
+        if y is None
+        else ((split[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size))
+    )
+    for xb, yb in chunks:
+        xb, yb = to_memory_format(rt.to(xb), channels_last), rt.to(yb)
+        with rt.autocast():
+            logits = method.predict(model, xb)
+        logits = logits.float()
         loss += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
-    n = max(1, len(y))
+        n += len(yb)
+    n = max(1, n)
     return correct / n, loss / n
 
 
@@ -188,6 +226,34 @@ def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+class _Batches:
+    """The training split as batches of model input on the run's device (converted at batch time; with
+    augmentation, each batch's crops are drawn from ``gen``); streamed splits come through a DataLoader
+    (see :meth:`~paramtransfer.data.files.ImageFiles.stream`)."""
+
+    def __init__(self, split: Any, config: TrainConfig, runtime: Runtime, channels_last: bool) -> None:
+        self.split, self.config, self.runtime, self.channels_last = split, config, runtime, channels_last
+        self.augment = Augment() if config.augment else None
+
+    def __call__(
+        self, order: list[torch.Tensor], gen: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        split = self.split
+        raws = split.images.stream(order) if split.streamed else (split.raw(idx) for idx in order)
+        for idx, raw in zip(order, raws, strict=True):
+            crops = None
+            if self.augment is not None:
+                crops = sample_crops(len(idx), raw.shape[-2], raw.shape[-1], self.augment, gen)
+            x = split.convert(raw, crops)
+            yield idx, to_memory_format(self.runtime.to(x), self.channels_last), self.runtime.to(split.y[idx])
+
+
+def make_runtime(config: TrainConfig) -> Runtime:
+    """The device (resolved: an absent one is a UserError) and precision of ``config``."""
+    device = resolve_device(config.device)
+    return Runtime(device, check_precision(config.precision, device), bool(config.augment))
+
+
 def fit(
     model: nn.Module,
     method: Any,
@@ -202,35 +268,59 @@ def fit(
 ) -> FitOutcome:
     """Train ``model`` on ``task.train`` with ``method``'s loss; select the best epoch on ``task.val``.
 
+    The model moves to ``config.device``; batches are converted from raw images to its input at batch
+    time (with ``config.augment``: random-resized crops and flips) and moved there; the forward pass runs
+    under ``config.precision``. The method sees the same :class:`~paramtransfer.runtime.Runtime` as
+    ``method.runtime``.
+
     Args:
         checkpoint: file written after every epoch (model, optimizer, RNG states, history); if it
-            exists with the same ``fingerprint`` the run resumes from it.
+            exists with the same ``fingerprint`` the run resumes from it (on any device).
         callbacks: called as ``cb("on_before_optimizer_step", model=..., terms=..., step=...)`` and
             ``cb("on_epoch_end", model=..., record=...)``.
     """
+    runtime = make_runtime(config)
     channels_last = uses_channels_last(model, config)
+    model.to(runtime.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    x_train = to_memory_format(task.train.x, channels_last)
-    x_val = to_memory_format(task.val.x, channels_last)
-    y_train, y_val = task.train.y, task.val.y
-    x_test = to_memory_format(task.test.x, channels_last) if config.trace_test else None
+    train_batches = _Batches(task.train, config, runtime, channels_last)
+    n = len(task.train)
+
+    def score(split: Any) -> tuple[float, float]:
+        return evaluate(
+            method,
+            model,
+            split,
+            batch_size=config.eval_batch_size,
+            runtime=runtime,
+            channels_last=channels_last,
+        )
 
     torch.manual_seed(seed)
     shuffle = torch.Generator().manual_seed(seed + 7919)
+    crops = torch.Generator().manual_seed(seed + 104729)  # augmentation draws (unused without augment)
+    method.runtime = runtime
     method.prepare(model, task)
     optimizer = make_optimizer(method.param_groups(model), config)
+    scaler = runtime.grad_scaler()
     out = FitOutcome()
     best_state: dict[str, torch.Tensor] | None = None
     best_key = (-1.0, -math.inf)
     bad_epochs, start_epoch, step = 0, 0, 0
 
-    state = load_checkpoint(checkpoint) if checkpoint else None
+    state = load_checkpoint(checkpoint) if checkpoint else None  # on the CPU: tensors load into place
     if state is not None and state.get("fingerprint") == fingerprint:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         shuffle.set_state(state["shuffle_rng"])
+        if "crop_rng" in state:
+            crops.set_state(state["crop_rng"])
+        if state.get("cuda_rng") is not None and runtime.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], runtime.device)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         out.history = list(state["history"])
         best_state = state["best_state"]
         best_key = tuple(state["best_key"])  # type: ignore[assignment]
@@ -247,7 +337,7 @@ def fit(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.epochs, initial=start_epoch, desc="epochs", leave=False)
-    n = len(y_train)
+    index_wanted = getattr(method, "wants_batch_index", False)
     for epoch in epochs:
         t0 = time.perf_counter()
         factor = config.lr_factor(epoch)
@@ -258,22 +348,32 @@ def fit(
         sums: dict[str, float] = {}
         seen = 0
         perm = torch.randperm(n, generator=shuffle)
-        for idx in batches(n, config.batch_size, config.min_last_batch, perm):
-            extra = {"index": idx} if getattr(method, "wants_batch_index", False) else {}
-            terms = method.loss_terms(model, x_train[idx], y_train[idx], **extra)
+        order = list(batches(n, config.batch_size, config.min_last_batch, perm))
+        for idx, xb, yb in train_batches(order, crops):
+            extra = {"index": idx} if index_wanted and not config.augment else {}
+            with runtime.autocast():
+                terms = method.loss_terms(model, xb, yb, **extra)
             total = sum(terms.values())
             if not torch.isfinite(total):
                 out.diverged = True
                 break
             optimizer.zero_grad(set_to_none=True)
-            method.backward(terms, model)
+            if scaler is None:
+                method.backward(terms, model)
+            else:  # the terms scaled alike: every backward (DTNH's projection too) is linear in them
+                method.backward({k: scaler.scale(v) for k, v in terms.items()}, model)
+                scaler.unscale_(optimizer)
             for cb in callbacks:
                 cb("on_before_optimizer_step", model=model, terms=terms, step=step)
             if config.grad_clip is not None:
                 nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"]], config.grad_clip
                 )
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             step += 1
             b = len(idx)
             seen += b
@@ -283,7 +383,7 @@ def fit(
         if out.diverged:
             break
         stats = method.epoch_stats()  # before evaluating: a method may settle its policy here
-        val_acc, val_loss = evaluate(method, model, x_val, y_val, config.eval_batch_size)
+        val_acc, val_loss = score(task.val)
         if not math.isfinite(val_loss):
             out.diverged = True
             break
@@ -296,10 +396,8 @@ def fit(
             "val_loss": val_loss,
             **stats,
         }
-        if x_test is not None:
-            record["test_accuracy"], record["test_loss"] = evaluate(
-                method, model, x_test, task.test.y, config.eval_batch_size
-            )
+        if config.trace_test:
+            record["test_accuracy"], record["test_loss"] = score(task.test)
         record["time_s"] = time.perf_counter() - t0
         for cb in callbacks:
             cb("on_epoch_end", model=model, record=record)
@@ -321,6 +419,11 @@ def fit(
                     "optimizer": optimizer.state_dict(),
                     "rng": torch.get_rng_state(),
                     "shuffle_rng": shuffle.get_state(),
+                    "crop_rng": crops.get_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(runtime.device)
+                    if runtime.device.type == "cuda"
+                    else None,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "history": out.history,
                     "best_state": best_state,
                     "best_key": list(best_key),
