@@ -19,7 +19,9 @@ EPILOG = """\
 --set KEY=VALUE (repeatable) overrides a setting:
   train.FIELD=V     training: epochs, batch_size, optimizer (sgd|adam), momentum, weight_decay,
                     schedule (cosine|step|constant), patience, grad_clip, ...
-  data.FIELD=V      data: val_shots (validation examples per class), test_limit
+  data.FIELD=V      data: val_shots (validation examples per class), test_limit, image_size
+  train.augment=true  train on random-resized crops + horizontal flips (the ImageNet recipe; off
+                    by default, as for 28x28 sources)
   METHOD.FIELD=V    a method's option, e.g. l2sp.alpha=0.1, knowdist.layers=[0,1], knn.ks=[1,5]
   FIELD=V           the training or method field of that name, e.g. batch_size=64 or alpha=0.1
 Methods take options in brackets too: finetune[freeze=2], finetune[freeze=all] (every FT-l),
@@ -193,6 +195,7 @@ def _source_args(p: argparse.ArgumentParser) -> None:
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:
+    _runtime_args(p)
     p.add_argument("--target", default="fashion[5-9]", help="target task spec (default: fashion[5-9])")
     p.add_argument(
         "--shots", type=int, default=20, help="labelled training examples per class; 0 = all (default: 20)"
@@ -200,6 +203,51 @@ def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--epochs", type=_positive_int, default=30, help="training epochs on the target (default: 30)"
     )
+
+
+def _device(text: str) -> str:
+    from paramtransfer.runtime import check_device_name
+
+    return check_device_name(text)
+
+
+def _runtime_args(p: argparse.ArgumentParser, *, image_size: bool = True) -> None:
+    """``--device``, ``--precision`` and (for commands that train on a target) ``--image-size``."""
+    p.add_argument(
+        "--device",
+        type=_device,
+        default=None,
+        help="where networks run: auto (CUDA if present, else MPS, else CPU; the default), cpu, cuda, "
+        "cuda:N or mps; a device this machine lacks is an error",
+    )
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=["32", "bf16", "16"],
+        help="32 (float32, the default), bf16 or 16 (autocast; 16 scales the loss with a GradScaler)",
+    )
+    if image_size:
+        p.add_argument(
+            "--image-size",
+            type=_positive_int,
+            default=None,
+            metavar="N",
+            help="resize every image to NxN for the network (default: the source's input size: 28 for "
+            "the zoo's sources, 224 for imagenet; 64 keeps an ImageNet source fast on a CPU)",
+        )
+
+
+def apply_runtime_args(args: argparse.Namespace, train: dict[str, Any], data: dict[str, Any]) -> None:
+    """The flags of :func:`_runtime_args` into the training and data settings (flags win over --set)."""
+    if getattr(args, "device", None) is not None:
+        train["device"] = args.device
+    if getattr(args, "precision", None) is not None:
+        train["precision"] = args.precision
+    if getattr(args, "image_size", None) is not None:
+        data["image_size"] = args.image_size
+        from paramtransfer.experiments.compare import check_data_options
+
+        check_data_options({"image_size": args.image_size})
 
 
 def _check_out(path: str | os.PathLike | None, flag: str = "--out") -> None:

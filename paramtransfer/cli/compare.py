@@ -17,6 +17,7 @@ from paramtransfer.cli.common import (
     _open_executor,
     _source_args,
     _target_args,
+    apply_runtime_args,
     parse_sets,
 )
 
@@ -103,6 +104,7 @@ def command(args: argparse.Namespace) -> None:
         config.arch = saved_arch(config.source)  # a saved source brings its own architecture
     names = [parse_method_spec(m)[0] for m in config.methods]
     train, data, per_method = parse_sets(args.set, names)
+    apply_runtime_args(args, train, data)
     config.train = {**config.train, **train}
     config.data = {**config.data, **data}
     for name, opts in per_method.items():

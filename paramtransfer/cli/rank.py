@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from paramtransfer.cli.common import _check_out, _floats, _positive_int
+from paramtransfer.cli.common import _check_out, _floats, _positive_int, _runtime_args
 
 
 def add_parser(sub: Any) -> None:
@@ -55,6 +55,7 @@ def add_parser(sub: Any) -> None:
         "--seed", type=int, default=0, help="seed of the target split and of training (default: 0)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _runtime_args(p)
     p.add_argument("--out", default="runs/rank", help="output directory (default: runs/rank)")
 
 
@@ -68,6 +69,8 @@ def command(args: argparse.Namespace) -> None:
         seed=args.seed,
         verify_epochs=args.verify_epochs,
         lps=EvalConfig(lps_weights=args.lps_weights),
+        **{k: v for k, v in (("device", args.device), ("precision", args.precision)) if v is not None},
+        image_size=args.image_size,
     )
     report = rank_sources(
         args.target,

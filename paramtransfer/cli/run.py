@@ -8,7 +8,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from paramtransfer.cli.common import EPILOG, _check_out, _common, _source_args, _target_args, parse_sets
+from paramtransfer.cli.common import (
+    EPILOG,
+    _check_out,
+    _common,
+    _source_args,
+    _target_args,
+    apply_runtime_args,
+    parse_sets,
+)
 from paramtransfer.errors import UserError
 
 
@@ -122,6 +130,7 @@ def command(args: argparse.Namespace) -> None:
     args.arch = _effective_arch(args.source, args.arch)
     name = parse_method_spec(args.method)[0]
     train, data, per_method = parse_sets(args.set, [name])
+    apply_runtime_args(args, train, data)
     check_method(args.method, args.arch, **per_method.get(name, {}))  # fails before any pretraining
     _check_run_out(args, train, data, per_method.get(name, {}))
     source = _resolve_source(args, [args.method])
@@ -136,6 +145,7 @@ def command(args: argparse.Namespace) -> None:
         shots=args.shots or None,
         val_shots=data.get("val_shots"),
         test_limit=data.get("test_limit"),
+        image_size=data.get("image_size"),
         train_options=train,
         method_options=per_method.get(name, {}),
         out=args.out,

@@ -202,6 +202,10 @@ def load_task(
         raise UserError(f"shots must be at least 1 (got {shots})")
     if val_shots is not None and val_shots < 1:
         raise UserError(f"val_shots must be at least 1 (got {val_shots})")
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= 4096
+    ):
+        raise UserError(f"image_size must be a whole number of pixels from 1 to 4096 (got {image_size!r})")
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction must lie in (0, 1) (got {val_fraction})")
     raw = _load_raw(parsed, data_dir)

@@ -103,8 +103,13 @@ def _no_twice(what: str, example: str, values: list) -> None:
         )
 
 
-DATA_FIELDS = {"val_shots": "validation examples per class", "test_limit": "test examples"}
-_EXAMPLE = {"val_shots": 10, "test_limit": 1000}
+DATA_FIELDS = {
+    "val_shots": "validation examples per class",
+    "test_limit": "test examples",
+    "image_size": "pixels per image side",
+}
+_EXAMPLE = {"val_shots": 10, "test_limit": 1000, "image_size": 64}
+MAX_IMAGE_SIZE = 4096
 
 
 def check_data_options(data: dict[str, Any], where: str = "data") -> None:
@@ -117,6 +122,11 @@ def check_data_options(data: dict[str, Any], where: str = "data") -> None:
             raise UserError(
                 f"{where}.{key}={value!r}: give a whole number of {DATA_FIELDS[key]} of at least 1 "
                 f"(or null for the default), e.g. --set data.{key}={_EXAMPLE[key]}"
+            )
+        if key == "image_size" and value is not None and value > MAX_IMAGE_SIZE:
+            raise UserError(
+                f"{where}.image_size={value}: images larger than {MAX_IMAGE_SIZE} pixels a side are refused; "
+                "give the side the network should see, e.g. --image-size 64"
             )
 
 
@@ -243,6 +253,7 @@ def _expected_settings(config: CompareConfig) -> dict[str, Any]:
             "val_shots": config.data.get("val_shots"),
             "limit": None,
             "test_limit": config.data.get("test_limit"),
+            **({"image_size": config.data["image_size"]} if config.data.get("image_size") else {}),
         },
         "arch": config.arch,
         "epochs": config.epochs,
@@ -386,6 +397,7 @@ def _job(config: CompareConfig, p: PlannedRun, source: LayeredNet | None, root: 
         "shots": config.shots,
         "val_shots": config.data.get("val_shots"),
         "test_limit": config.data.get("test_limit"),
+        "image_size": config.data.get("image_size"),
         "train_options": config.train,
         "out": str(p.directory(root)),
     }

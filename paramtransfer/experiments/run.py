@@ -75,8 +75,8 @@ def _source_identity(source: LayeredNet | None) -> str:
 # float32, the source's image size) and are left out of both.
 _OBSERVATIONAL_DEFAULTS = {"trace_test": False}
 _NEW_DEFAULTS = {"augment": False, "precision": "32", "image_size": None}
-# Never part of a run's identity: where it ran.
-_PLACE = ("device",)
+# Never part of a run's identity: where it ran, and whether frozen blocks' outputs were cached.
+_PLACE = ("device", "prefix_cache_mb")
 
 
 def _without(options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -288,6 +288,8 @@ def _trained_result(run: _RunSetup, model: nn.Module, outcome: FitOutcome, t0: f
         "total_params": _count(model.parameters()),
         "stopped_early": outcome.stopped_early,
         "resumed_from_epoch": outcome.resumed_from_epoch,
+        "device": str(m.runtime.device),
+        "cached_prefix_blocks": outcome.cached_prefix,
     }
     if ok:
         diagnostics.update(m.diagnostics(model, task))

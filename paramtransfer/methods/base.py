@@ -73,6 +73,9 @@ class Method:
     regularized: ClassVar[bool] = False  # has loss terms besides "task" (then ``dtnh:<name>`` exists)
     # the trainer then calls loss_terms(..., index=i) with the batch's row indices into task.train
     wants_batch_index: ClassVar[bool] = False
+    # loss_terms and predict only call model(x) on a LayeredNet: the trainer may then feed the output of
+    # the model's frozen first blocks, computed once (TrainConfig.prefix_cache_mb)
+    prefix_cacheable: ClassVar[bool] = False
     supported_archs: ClassVar[tuple[str, ...] | None] = None  # None: any LayeredNet
     arch_advice: ClassVar[str] = ""  # appended to the error of check_arch, e.g. ", or ptu_rnn for rnn"
 

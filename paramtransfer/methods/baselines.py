@@ -27,6 +27,7 @@ class Scratch(Method):
     """No transfer (NoTL): the source's architecture, randomly initialised, trained on the target."""
 
     needs_source = False
+    prefix_cacheable = True  # its loss is the model's own forward: a frozen prefix may be cached
 
     def build(
         self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int
@@ -77,6 +78,7 @@ class Finetune(Method):
     """
 
     Config = FinetuneConfig
+    prefix_cacheable = True  # FT-l, last-k: the frozen first blocks' outputs are computed once
 
     def frozen_blocks(self, num_blocks: int, seed: int) -> list[int]:
         c: FinetuneConfig = self.config  # type: ignore[assignment]
@@ -121,6 +123,8 @@ class Finetune(Method):
 class LinearProbe(Method):
     """Feature extractor: everything but the new head frozen (weights and BatchNorm statistics): every
     block and, in a wrapped model, the modules that are neither a named block nor the head."""
+
+    prefix_cacheable = True  # every block frozen: the features are computed once, only the head trains
 
     def build(
         self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int

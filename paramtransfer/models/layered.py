@@ -12,7 +12,8 @@ frozen part fixed (BatchNorm without affine parameters included).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from paramtransfer.errors import UserError
 
 _FROZEN = "_paramtransfer_frozen"  # instance attribute: survives deepcopy and pickling, not in state_dict
+_START = "_paramtransfer_start"  # set only inside LayeredNet.starting_at
 
 
 def freeze(modules: nn.Module | Iterable[nn.Module]) -> None:
@@ -131,9 +133,52 @@ class LayeredNet(nn.Module):
         return head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
+        start = self.__dict__.get(_START, 0)  # > 0 only inside starting_at: x is block start-1's output
+        for i, block in enumerate(self.blocks):
+            if i >= start:
+                x = block(x)
         return self.head(self.neck(x))
+
+    def frozen_prefix(self) -> int:
+        """How many leading blocks are frozen and deterministic: every module in them frozen (weights and
+        BatchNorm statistics, see :func:`freeze`) and none a dropout. Their output depends on the input
+        alone, so a trainer may compute it once per example (0 for a wrapped model: its forward is the
+        user's own and cannot start at a block)."""
+        if not self.sequential or type(self).forward is not LayeredNet.forward:
+            return 0
+        n = 0
+        for block in self.blocks:
+            mods = list(block.modules())
+            if not all(is_frozen(m) for m in mods) or any(
+                isinstance(m, nn.modules.dropout._DropoutNd) for m in mods
+            ):
+                break
+            n += 1
+        return n
+
+    @contextlib.contextmanager
+    def starting_at(self, start: int) -> Iterator[LayeredNet]:
+        """Within the block, ``forward`` takes the output of block ``start - 1`` (e.g. a cached one) and
+        runs blocks ``start ..`` and the head."""
+        self.__dict__[_START] = int(start)
+        try:
+            yield self
+        finally:
+            self.__dict__.pop(_START, None)
+
+    def run_prefix(self, x: torch.Tensor, stop: int) -> torch.Tensor:
+        """The output of blocks ``0 .. stop-1`` for input ``x``."""
+        for block in list(self.blocks)[:stop]:
+            x = block(x)
+        return x
+
+    def features_until(self, x: torch.Tensor, stop: int) -> list[torch.Tensor]:
+        """The outputs of blocks ``0 .. stop-1`` for input ``x``."""
+        out = []
+        for block in list(self.blocks)[:stop]:
+            x = block(x)
+            out.append(x)
+        return out
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits and each block's output from one forward pass."""

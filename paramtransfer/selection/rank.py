@@ -28,6 +28,7 @@ import torch
 
 from paramtransfer.data.task import Split, Task, load_task
 from paramtransfer.errors import UserError
+from paramtransfer.experiments.run import input_spec_of, runtime_of
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import WEIGHTS, load_model
 from paramtransfer.models.zoo import build_model
@@ -48,6 +49,8 @@ class RankConfig:
     probe_epochs, probe_lr: training of the LPS probe (from scratch, the candidates' architecture).
     verify_epochs, verify_lr: the brief fine-tuning of every candidate with ``verify``.
     lps: how the second-order network is trained (see :class:`EvalConfig`).
+    device, precision: where and how the candidates run (see :mod:`paramtransfer.runtime`).
+    image_size: the side the target's images are resized to (default: the candidates' input size).
     """
 
     shots: int | None = 20
@@ -58,6 +61,12 @@ class RankConfig:
     verify_lr: float = 0.01
     test_limit: int | None = 2000
     lps: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"
+    precision: str = "32"
+    image_size: int | None = None
+
+    def train_options(self) -> dict[str, Any]:
+        return {"device": self.device, "precision": self.precision}
 
 
 @dataclass
@@ -107,9 +116,12 @@ def _outputs(
     return out[:, :d].double(), out[:, d:].double()
 
 
-def fast_scores(model: LayeredNet, task: Task) -> dict[str, float]:
-    """LogME, LEEP, NCE and H-score of ``model`` on the target's training split."""
-    feats, probs = _outputs(model, task.train)
+def fast_scores(model: LayeredNet, task: Task, runtime: Runtime | None = None) -> dict[str, float]:
+    """LogME, LEEP, NCE and H-score of ``model`` on the target's training split (on ``runtime``'s device,
+    default the model's)."""
+    if runtime is not None:
+        model.to(runtime.device)
+    feats, probs = _outputs(model, task.train, runtime)
     y = task.train.y
     return {
         "logme": logme(feats, y),
@@ -130,6 +142,7 @@ def _probe(arch: dict[str, Any], task: Task, config: RankConfig) -> LayeredNet:
         seed=config.seed,
         lr=config.probe_lr,
         epochs=config.probe_epochs,
+        train_options=config.train_options(),
     )
     assert model is not None
     return model
@@ -175,6 +188,7 @@ def verify_accuracy(candidate: Candidate, task: Task, config: RankConfig) -> flo
         seed=config.seed,
         lr=config.verify_lr,
         epochs=config.verify_epochs,
+        train_options=config.train_options(),
     )
     return float(result.test_accuracy)
 
@@ -204,9 +218,9 @@ def rank_sources(
     candidates, set_dir = find_candidates(list(sources))
     lps_dir = Path(lps_set) if lps_set is not None else set_dir
     first = load_model(candidates[0].path)
-    task = load_task(
-        target, config.shots, config.seed, test_limit=config.test_limit, in_shape=tuple(first.in_shape)
-    )
+    runtime = runtime_of(config.train_options())
+    spec = input_spec_of(first, config.image_size)
+    task = load_task(target, config.shots, config.seed, test_limit=config.test_limit, input_spec=spec)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -215,7 +229,12 @@ def rank_sources(
     rows: list[dict[str, Any]] = []
     for c in candidates:
         rows.append(
-            {"name": c.name, "path": str(c.path), "task": c.task, **fast_scores(load_model(c.path), task)}
+            {
+                "name": c.name,
+                "path": str(c.path),
+                "task": c.task,
+                **fast_scores(load_model(c.path), task, runtime),
+            }
         )
         if bar is not None:
             bar.update(1)

@@ -8,6 +8,7 @@ resumes from the last finished epoch and ends bit-for-bit like an uninterrupted 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,8 +22,15 @@ from torch import nn
 
 from paramtransfer.data.pipeline import Augment, sample_crops
 from paramtransfer.errors import UserError
-from paramtransfer.models.layered import is_frozen
-from paramtransfer.runtime import PRECISIONS, Runtime, check_device_name, check_precision, resolve_device
+from paramtransfer.models.layered import LayeredNet, is_frozen
+from paramtransfer.runtime import (
+    PRECISIONS,
+    Runtime,
+    check_device_name,
+    check_precision,
+    evaluating,
+    resolve_device,
+)
 from paramtransfer.train.checkpoint import load_checkpoint, save_checkpoint
 
 Callback = Callable[..., None]
@@ -54,6 +62,11 @@ class TrainConfig:
         device: ``auto`` (CUDA if present, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``
             (see :mod:`paramtransfer.runtime`); not part of a run's identity.
         precision: ``32``, ``bf16`` or ``16`` (autocast; ``16`` with a GradScaler).
+        prefix_cache_mb: memory budget of the frozen-prefix cache (0: off). When a method allows it
+            (``prefix_cacheable``: FT-l, linear probe, last-k) and the first ``l`` blocks are frozen and
+            deterministic (:meth:`~paramtransfer.models.layered.LayeredNet.frozen_prefix`), their outputs
+            on the training and validation splits are computed once per run and the blocks after them
+            train on those; off while ``augment`` is on, and when the outputs exceed the budget.
     """
 
     epochs: int = 30
@@ -74,6 +87,7 @@ class TrainConfig:
     augment: bool = False
     device: str = "auto"
     precision: str = "32"
+    prefix_cache_mb: int = 2048
 
     def __post_init__(self) -> None:
         for name in ("augment", "trace_test"):
@@ -83,7 +97,7 @@ class TrainConfig:
         if str(self.precision) not in PRECISIONS:
             raise UserError(f"precision {self.precision!r} is unknown; use 32, bf16 or 16")
         self.precision = str(self.precision)
-        for name in ("epochs", "batch_size", "eval_batch_size", "step_every"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "step_every", "prefix_cache_mb"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise UserError(f"{name} must be a whole number (got {value!r})")
@@ -99,6 +113,10 @@ class TrainConfig:
             isinstance(self.grad_clip, int | float) and self.grad_clip > 0
         ):
             raise UserError(f"grad_clip must be a positive number or null (got {self.grad_clip!r})")
+        if self.prefix_cache_mb < 0:
+            raise UserError(
+                f"prefix_cache_mb must be >= 0 (0 turns the cache off; got {self.prefix_cache_mb})"
+            )
         if self.momentum < 0 or self.weight_decay < 0 or self.step_gamma < 0 or self.step_every < 0:
             raise UserError("momentum, weight_decay, step_gamma and step_every must be >= 0")
         if not 0 <= self.min_last_batch <= 1:
@@ -136,6 +154,7 @@ class FitOutcome:
     diverged: bool = False
     stopped_early: bool = False
     resumed_from_epoch: int | None = None
+    cached_prefix: int = 0  # leading frozen blocks whose outputs were computed once (see TrainConfig)
 
 
 def batches(n: int, batch_size: int, min_last: float, perm: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -248,6 +267,39 @@ class _Batches:
             yield idx, to_memory_format(self.runtime.to(x), self.channels_last), self.runtime.to(split.y[idx])
 
 
+@torch.no_grad()
+def prefix_cache(
+    model: nn.Module, method: Any, task: Any, config: TrainConfig, runtime: Runtime, channels_last: bool
+) -> tuple[int, Any, Any]:
+    """``(l, train, val)``: the outputs of the model's first ``l`` blocks on the training and validation
+    splits as splits of model input for block ``l`` on (see ``TrainConfig.prefix_cache_mb``): ``l`` is
+    the deepest frozen, deterministic block whose outputs fit the budget; ``(0, None, None)`` when there
+    is nothing to cache or nothing fits."""
+    from paramtransfer.data.task import Split
+
+    if config.augment or not config.prefix_cache_mb or not getattr(method, "prefix_cacheable", False):
+        return 0, None, None
+    depth = model.frozen_prefix() if isinstance(model, LayeredNet) else 0
+    if depth == 0 or not len(task.train):
+        return 0, None, None
+    with evaluating(model), runtime.autocast():
+        x1 = runtime.to(task.train.inputs(slice(0, 1)))
+        n = len(task.train) + len(task.val)
+        # the deepest frozen block whose outputs fit the budget (deeper saves more compute)
+        sizes = [(o.numel() * o.element_size() * n) for o in model.features_until(x1, depth)]
+        fitting = [i + 1 for i, size in enumerate(sizes) if size <= config.prefix_cache_mb * 2**20]
+        if not fitting:
+            return 0, None, None
+        depth = fitting[-1]
+        out = []
+        for split in (task.train, task.val):
+            parts = [
+                model.run_prefix(x, depth) for x in runtime.inputs(split, 256, channels_last=channels_last)
+            ]
+            out.append(Split(torch.cat(parts) if parts else x1[:0], split.y))
+    return depth, out[0], out[1]
+
+
 def make_runtime(config: TrainConfig) -> Runtime:
     """The device (resolved: an absent one is a UserError) and precision of ``config``."""
     device = resolve_device(config.device)
@@ -284,8 +336,15 @@ def fit(
     model.to(runtime.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    train_batches = _Batches(task.train, config, runtime, channels_last)
+    depth, cached_train, cached_val = prefix_cache(model, method, task, config, runtime, channels_last)
+    train_batches = _Batches(
+        task.train if cached_train is None else cached_train, config, runtime, channels_last
+    )
+    val_split = task.val if cached_val is None else cached_val
     n = len(task.train)
+
+    def from_prefix() -> contextlib.AbstractContextManager:
+        return model.starting_at(depth) if depth else contextlib.nullcontext()
 
     def score(split: Any) -> tuple[float, float]:
         return evaluate(
@@ -304,7 +363,7 @@ def fit(
     method.prepare(model, task)
     optimizer = make_optimizer(method.param_groups(model), config)
     scaler = runtime.grad_scaler()
-    out = FitOutcome()
+    out = FitOutcome(cached_prefix=depth)
     best_state: dict[str, torch.Tensor] | None = None
     best_key = (-1.0, -math.inf)
     bad_epochs, start_epoch, step = 0, 0, 0
@@ -351,7 +410,7 @@ def fit(
         order = list(batches(n, config.batch_size, config.min_last_batch, perm))
         for idx, xb, yb in train_batches(order, crops):
             extra = {"index": idx} if index_wanted and not config.augment else {}
-            with runtime.autocast():
+            with runtime.autocast(), from_prefix():
                 terms = method.loss_terms(model, xb, yb, **extra)
             total = sum(terms.values())
             if not torch.isfinite(total):
@@ -383,7 +442,8 @@ def fit(
         if out.diverged:
             break
         stats = method.epoch_stats()  # before evaluating: a method may settle its policy here
-        val_acc, val_loss = score(task.val)
+        with from_prefix():
+            val_acc, val_loss = score(val_split)
         if not math.isfinite(val_loss):
             out.diverged = True
             break
