@@ -19,7 +19,9 @@ EPILOG = """\
 --set KEY=VALUE (repeatable) overrides a setting:
   train.FIELD=V     training: epochs, batch_size, optimizer (sgd|adam), momentum, weight_decay,
                     schedule (cosine|step|constant), patience, grad_clip, ...
-  data.FIELD=V      data: val_shots (validation examples per class), test_limit
+  data.FIELD=V      data: val_shots (validation examples per class), test_limit, memory_mb (MiB of
+                    decoded images held in memory, default 2048; a larger image folder is read from
+                    disk batch by batch)
   METHOD.FIELD=V    a method's option, e.g. l2sp.alpha=0.1, knowdist.layers=[0,1], knn.ks=[1,5]
   FIELD=V           the training or method field of that name, e.g. batch_size=64 or alpha=0.1
 Methods take options in brackets too: finetune[freeze=2], finetune[freeze=all] (every FT-l),

@@ -136,6 +136,7 @@ def command(args: argparse.Namespace) -> None:
         shots=args.shots or None,
         val_shots=data.get("val_shots"),
         test_limit=data.get("test_limit"),
+        memory_mb=data.get("memory_mb"),
         train_options=train,
         method_options=per_method.get(name, {}),
         out=args.out,
