@@ -576,7 +576,39 @@ CASES: list[Case] = [
         _plain("compare", "--executor", "ray", "--address", "host:port", "--quiet"),
         "--address host:port" if _STORE_RAY else "paramtransfer[ray]",
     ),
+    # the memory budget of image folders (a larger folder streams from disk)
+    Case(
+        "set-memory-mb-zero", _plain(*RUN, "--method", "scratch", "--set", "data.memory_mb=0"), "memory_mb=0"
+    ),
+    Case(
+        "set-memory-mb-negative",
+        _plain(*RUN, "--method", "scratch", "--set", "data.memory_mb=-1"),
+        "memory_mb=-1",
+    ),
+    Case(
+        "set-memory-mb-text",
+        _plain("compare", "--methods", "scratch", "--set", "data.memory_mb=lots", "--quiet"),
+        "memory_mb='lots'",
+    ),
+    Case(
+        "streamed-folder-jpeg-cut-past-its-header",
+        lambda tmp, saved: _streamed_folder_with_cut_jpeg(tmp),
+        "cut.jpg is not a readable image",
+    ),
 ]
+
+
+def _streamed_folder_with_cut_jpeg(tmp: Path) -> list[str]:
+    """A streamed folder (a tiny memory budget) holding a JPEG whose header is whole but whose pixels
+    stop half way: it loads, and fails when a batch (in a DataLoader worker) reads it."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise((32, 32), 40).convert("RGB").save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    scan = jpeg.index(b"\xff\xda")  # start of scan: the header ends here
+    cut = jpeg[: scan + (len(jpeg) - scan) // 2]
+    return [*_data_folder(tmp, "cut.jpg", lambda png: cut), "--set", "data.memory_mb=1e-6"]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,9 @@ EPILOG = """\
 --set KEY=VALUE (repeatable) overrides a setting:
   train.FIELD=V     training: epochs, batch_size, optimizer (sgd|adam), momentum, weight_decay,
                     schedule (cosine|step|constant), patience, grad_clip, ...
-  data.FIELD=V      data: val_shots (validation examples per class), test_limit, image_size
+  data.FIELD=V      data: val_shots (validation examples per class), test_limit, image_size,
+                    memory_mb (MiB of decoded images held in memory, default 2048; a larger image
+                    folder is read from disk batch by batch)
   train.augment=true  train on random-resized crops + horizontal flips (the ImageNet recipe; off
                     by default, as for 28x28 sources)
   METHOD.FIELD=V    a method's option, e.g. l2sp.alpha=0.1, knowdist.layers=[0,1], knn.ks=[1,5]

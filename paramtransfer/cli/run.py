@@ -146,6 +146,7 @@ def command(args: argparse.Namespace) -> None:
         val_shots=data.get("val_shots"),
         test_limit=data.get("test_limit"),
         image_size=data.get("image_size"),
+        memory_mb=data.get("memory_mb"),
         train_options=train,
         method_options=per_method.get(name, {}),
         out=args.out,

@@ -1,14 +1,16 @@
 """Raw dataset readers: Fashion-MNIST (Debian idx files), scikit-learn digits, image folders, npz.
 
-Each reader returns a :class:`RawData`: uint8/float images as a float tensor in [0, 1] with shape
-``[N, C, H, W]``, integer labels, the class names, and an official test split when the dataset has one.
+Each reader returns a :class:`RawData`: images ``[N, C, H, W]`` at their native size (uint8 pixels, or
+float in [0, 1] for data that are not 8-bit; a folder larger than its memory budget as an
+:class:`~paramtransfer.data.files.ImageFiles` read from disk on demand), integer labels, the class names,
+and an official test split when the dataset has one.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
-import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from paramtransfer.data.files import ImageFiles, decode_image, first_line, read_header
 from paramtransfer.errors import UserError
 
 DEBIAN_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -38,7 +41,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif
 
 @dataclass
 class RawData:
-    x: torch.Tensor  # [N, C, H, W] float32 in [0, 1]
+    x: torch.Tensor | ImageFiles  # [N, C, H, W]: uint8, or float in [0, 1]; ImageFiles: streamed
     y: torch.Tensor  # [N] int64
     classes: tuple[str, ...]
     x_test: torch.Tensor | None = None
@@ -116,59 +119,60 @@ def load_digits() -> RawData:
     )
 
 
-def load_folder(path: str) -> RawData:
+DEFAULT_MEMORY_MB = 2048  # the decoded size of a folder above which it is streamed from disk
+
+
+def check_memory_mb(memory_mb: object, name: str = "memory_mb") -> float:
+    """``memory_mb`` as a float: a finite number above 0; anything else is a UserError (``name``: how
+    the message calls the setting)."""
+    ok = isinstance(memory_mb, int | float) and not isinstance(memory_mb, bool)
+    if not ok or not math.isfinite(memory_mb) or memory_mb <= 0:  # type: ignore[arg-type]
+        raise UserError(
+            f"{name}={memory_mb!r}: give the memory budget for decoded images in megabytes, a number "
+            f"above 0 (a folder larger than that is read from disk batch by batch), "
+            f"e.g. --set data.memory_mb={DEFAULT_MEMORY_MB}"
+        )
+    return float(memory_mb)
+
+
+def load_folder(path: str, memory_mb: float = DEFAULT_MEMORY_MB) -> RawData:
     """An ImageFolder layout: ``PATH/<class name>/<image files>``; classes sorted by name.
 
-    A file with an image suffix that PIL cannot decode in full (corrupt, truncated, not an image) is an
-    error naming the file, not skipped: a silently smaller class would change the task behind the
-    user's back.
-    """
-    from PIL import Image
+    Images are uint8 ``[N, C, H, W]``, all at the first image's size, RGB if any image is in colour (see
+    :mod:`paramtransfer.data.files` for the decoding rules). If their decoded size (N*C*H*W bytes,
+    from the files' headers) fits ``memory_mb`` megabytes (MiB) they are decoded now; otherwise ``x``
+    is an :class:`~paramtransfer.data.files.ImageFiles` that decodes them batch by batch (streamed).
 
+    A file with an image suffix that PIL cannot read (corrupt, truncated, not an image) is an error
+    naming the file, not skipped: a silently smaller class would change the task behind the user's back.
+    An in-memory folder is decoded in full here, so every such file is found now; a streamed folder has
+    every header read and checked now, and a file whose pixels are corrupt past its header is reported
+    when a batch first reads it.
+    """
+    budget = check_memory_mb(memory_mb) * 2**20
     root = Path(path).expanduser()
     if not root.is_dir():
         raise UserError(f"folder {root} does not exist; give folder:PATH with one sub-folder per class")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(class_dirs) < 2:
         raise UserError(f"folder {root} needs at least two class sub-folders (PATH/<class>/<images>)")
-    # what PIL raises for a file it cannot decode (SyntaxError: e.g. a PNG with a broken checksum)
-    unreadable = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
-    xs: list[np.ndarray] = []
+    paths: list[Path] = []
     ys: list[int] = []
-    shape: tuple[int, ...] | None = None
     for label, cdir in enumerate(class_dirs):
         files = sorted(f for f in cdir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise UserError(f"class folder {cdir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    im.load()  # decodes every byte: a truncated file fails here, not later
-                    im = im.convert("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
-                    if shape is None:
-                        shape = (im.height, im.width)
-                    if (im.height, im.width) != shape:
-                        im = im.resize((shape[1], shape[0]), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.float32) / 255.0
-            except unreadable as err:
-                raise UserError(
-                    f"{f} is not a readable image ({_first_line(err)}); remove or fix it "
-                    f"(every file with an image suffix in {root} must be an image)"
-                ) from None
-            xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-            ys.append(label)
-    channels = max(a.shape[0] for a in xs)
-    xs = [np.repeat(a, channels, axis=0) if a.shape[0] != channels else a for a in xs]
-    return RawData(
-        x=torch.from_numpy(np.stack(xs)),
-        y=torch.tensor(ys, dtype=torch.int64),
-        classes=tuple(d.name for d in class_dirs),
-    )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+        paths += files
+        ys += [label] * len(files)
+    headers = [read_header(f, root) for f in paths]
+    size = headers[0][0]
+    channels = max(c for _, c in headers)
+    y = torch.tensor(ys, dtype=torch.int64)
+    classes = tuple(d.name for d in class_dirs)
+    if len(paths) * channels * size[0] * size[1] > budget:
+        return RawData(x=ImageFiles(paths, (channels, *size), root), y=y, classes=classes)
+    x = np.stack([decode_image(f, root, size, channels) for f in paths])
+    return RawData(x=torch.from_numpy(x), y=y, classes=classes)
 
 
 _NPZ_KEYS = ("x", "y", "x_test", "y_test")
@@ -204,10 +208,10 @@ def _read_npz(p: Path) -> dict[str, np.ndarray]:
                 f"{p}: array {key!r} holds Python objects (a pickled object array), which are never "
                 f"loaded; {_NPZ_CURE}"
             ) from None
-        raise UserError(f"{p}: array {key!r} cannot be read ({_first_line(err)}); {_NPZ_CURE}") from None
+        raise UserError(f"{p}: array {key!r} cannot be read ({first_line(err)}); {_NPZ_CURE}") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise UserError(
-            f"{p} is a damaged npz archive (array {key!r}: {_first_line(err)}); {_NPZ_CURE}"
+            f"{p} is a damaged npz archive (array {key!r}: {first_line(err)}); {_NPZ_CURE}"
         ) from None
     return out
 

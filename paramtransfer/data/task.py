@@ -11,7 +11,15 @@ from typing import Any
 import torch
 
 from paramtransfer.data.pipeline import InputSpec, to_input
-from paramtransfer.data.sources import RawData, load_digits, load_fashion, load_folder, load_npz
+from paramtransfer.data.sources import (
+    DEFAULT_MEMORY_MB,
+    RawData,
+    check_memory_mb,
+    load_digits,
+    load_fashion,
+    load_folder,
+    load_npz,
+)
 from paramtransfer.data.specs import TaskSpec, parse_spec
 from paramtransfer.errors import UserError
 
@@ -69,8 +77,15 @@ class Split:
         return self.inputs()
 
     def chunks(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(inputs, labels)`` of consecutive rows, ``size`` at a time, in order."""
-        for start in range(0, len(self), size):
+        """``(inputs, labels)`` of consecutive rows, ``size`` at a time, in order (a streamed split is
+        decoded in worker processes, see :meth:`~paramtransfer.data.files.ImageFiles.stream`)."""
+        starts = range(0, len(self), size)
+        if self.streamed:
+            order = [torch.arange(s, min(s + size, len(self))) for s in starts]
+            for idx, raw in zip(order, self.images.stream(order), strict=True):
+                yield self.convert(raw), self.y[idx]
+            return
+        for start in starts:
             rows = slice(start, start + size)
             yield self.inputs(rows), self.y[rows]
 
@@ -119,13 +134,13 @@ class Task:
         )
 
 
-def _load_raw(spec: TaskSpec, data_dir: str | None) -> RawData:
+def _load_raw(spec: TaskSpec, data_dir: str | None, memory_mb: float) -> RawData:
     if spec.dataset == "fashion":
         return load_fashion(data_dir)
     if spec.dataset == "digits":
         return load_digits()
     if spec.dataset == "folder":
-        return load_folder(spec.path or "")
+        return load_folder(spec.path or "", memory_mb)
     return load_npz(spec.path or "")
 
 
@@ -172,6 +187,7 @@ def load_task(
     data_dir: str | None = None,
     input_spec: InputSpec | None = None,
     image_size: int | None = None,
+    memory_mb: float = DEFAULT_MEMORY_MB,
 ) -> Task:
     """Resolve a task spec into seeded train/val/test splits.
 
@@ -188,6 +204,8 @@ def load_task(
         input_spec: the model's input in full (channels, size, normalisation); overrides ``in_shape``.
         image_size: the side the images are resized to (overrides the size of ``in_shape``/``input_spec``).
         data_dir: folder with the Fashion-MNIST idx files (default $PARAMTRANSFER_DATA, then Debian's).
+        memory_mb: memory budget (MiB) for a folder's decoded images; a larger folder is streamed from
+            disk batch by batch (:func:`~paramtransfer.data.sources.load_folder`). Other datasets ignore it.
 
     Images stay raw (native resolution, uint8 where the data are 8-bit); each split converts them to
     the model's input when a batch is taken (:meth:`Split.inputs`).
@@ -208,7 +226,8 @@ def load_task(
         raise UserError(f"image_size must be a whole number of pixels from 1 to 4096 (got {image_size!r})")
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction must lie in (0, 1) (got {val_fraction})")
-    raw = _load_raw(parsed, data_dir)
+    memory_mb = check_memory_mb(memory_mb)
+    raw = _load_raw(parsed, data_dir, memory_mb)
     n_all = len(raw.classes)
     chosen = parsed.classes if parsed.classes is not None else tuple(range(n_all))
     bad = [c for c in chosen if c >= n_all]

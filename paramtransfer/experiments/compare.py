@@ -89,7 +89,7 @@ class CompareConfig:
             raise UserError(f"seeds must be whole numbers (got {self.seeds}), e.g. --seeds 0,1,2")
         _no_twice("seed", "--seeds 0,1,2", self.seeds)
         if not isinstance(self.data, dict):
-            raise UserError(f"data must map val_shots/test_limit to numbers (got {self.data!r})")
+            raise UserError(f"data must map val_shots/test_limit/memory_mb to numbers (got {self.data!r})")
         check_data_options(self.data)
 
 
@@ -107,17 +107,25 @@ DATA_FIELDS = {
     "val_shots": "validation examples per class",
     "test_limit": "test examples",
     "image_size": "pixels per image side",
+    "memory_mb": "megabytes of decoded images held in memory",
 }
 _EXAMPLE = {"val_shots": 10, "test_limit": 1000, "image_size": 64}
 MAX_IMAGE_SIZE = 4096
 
 
 def check_data_options(data: dict[str, Any], where: str = "data") -> None:
-    """``data.val_shots`` / ``data.test_limit``: a whole number >= 1 or None (the default); anything else
-    (0, negative, fractional, text) is a :class:`UserError` before any data is loaded."""
+    """``data.val_shots`` / ``data.test_limit``: a whole number >= 1 or None (the default);
+    ``data.memory_mb``: a number above 0 or None. Anything else (0, negative, fractional counts, text)
+    is a :class:`UserError` before any data is loaded."""
+    from paramtransfer.data.sources import check_memory_mb
+
     for key, value in data.items():
         if key not in DATA_FIELDS:
             raise UserError(f"{where}.{key}: data has no field {key!r}; fields: {', '.join(DATA_FIELDS)}")
+        if key == "memory_mb":
+            if value is not None:
+                check_memory_mb(value, f"{where}.{key}")
+            continue
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise UserError(
                 f"{where}.{key}={value!r}: give a whole number of {DATA_FIELDS[key]} of at least 1 "
@@ -398,6 +406,7 @@ def _job(config: CompareConfig, p: PlannedRun, source: LayeredNet | None, root: 
         "val_shots": config.data.get("val_shots"),
         "test_limit": config.data.get("test_limit"),
         "image_size": config.data.get("image_size"),
+        "memory_mb": config.data.get("memory_mb"),
         "train_options": config.train,
         "out": str(p.directory(root)),
     }

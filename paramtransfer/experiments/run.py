@@ -191,7 +191,7 @@ def _target_task(
     target: str | Task, source: LayeredNet | None, shots: int | None, seed: int, data: dict[str, Any]
 ) -> Task:
     """The target task, converted to the source's input (``data``: val_shots, limit, test_limit,
-    image_size); a given Task is re-targeted to that input (its images are not copied)."""
+    image_size, memory_mb); a given Task is re-targeted to that input (its images are not copied)."""
     data = dict(data)
     spec = input_spec_of(source, data.pop("image_size", None))
     _check_source_size(source, spec)
@@ -345,6 +345,7 @@ def train_model(
     val_shots: int | None = None,
     test_limit: int | None = None,
     image_size: int | None = None,
+    memory_mb: float | None = None,
     train_options: dict[str, Any] | None = None,
     method_options: dict[str, Any] | None = None,
     out: str | Path | None = None,
@@ -363,6 +364,9 @@ def train_model(
     ``variant`` is the name the run is recorded under (default: the method's variant name).
     With ``reuse_only`` nothing trains: the result is the complete one under ``out``, or ``None``.
     ``save_weights`` writes the exported model under ``out/model`` (see :func:`save_trained`).
+    ``memory_mb``: the memory budget of a folder target (see :func:`load_task`; ``None``: its default).
+    It changes where the images are read from, never the result, so it is not part of the run's
+    recorded config or fingerprint.
     """
     m = make_method(method, **(method_options or {}))
     _check_request(m, source, arch, out, save_weights)
@@ -370,7 +374,8 @@ def train_model(
     data = {"val_shots": val_shots, "limit": limit, "test_limit": test_limit}
     if image_size is not None:
         data["image_size"] = image_size
-    task = _target_task(target, source, shots, seed, data)
+    budget = {"memory_mb": memory_mb} if memory_mb is not None else {}
+    task = _target_task(target, source, shots, seed, {**data, **budget})
     run = _setup(
         m,
         task,
