@@ -77,11 +77,13 @@ def check_precision(precision: str, device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class Runtime:
-    """The device and precision a run uses, and whether its training inputs are augmented."""
+    """The device and precision a run uses, whether its training inputs are augmented, and the memory a
+    method may spend on per-example caches of frozen activations (``TrainConfig.prefix_cache_mb``)."""
 
     device: torch.device = torch.device("cpu")
     precision: str = "32"
     augmenting: bool = False
+    cache_mb: int = 2048  # budget of a method's per-example activation caches (0: none)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The forward pass's precision context (nothing at ``32``)."""

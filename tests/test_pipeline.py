@@ -315,3 +315,21 @@ def test_tiny_compare_on_cuda(tmp_path, tiny_source):
         assert len(results) >= 8 and all(r.status == "ok" for r in results)
         trained = [r for r in results if r.method not in ("knn",)]
         assert all(r.diagnostics["device"].startswith("cuda") for r in trained)
+
+
+@pytest.mark.parametrize("spec", ["knowdist[beta=0.1]", "delta", "dtnh:knowdist[beta=0.1]"])
+def test_teacher_cache_matches_the_uncached_path(tiny_resnet_source, tiny_task, spec):
+    cached, cached_model = _fit(spec, tiny_resnet_source, tiny_task)
+    plain, plain_model = _fit(spec, tiny_resnet_source, tiny_task, prefix_cache_mb=0)
+    for (a, b), (c, d) in zip(_losses(cached), _losses(plain), strict=True):
+        assert math.isclose(a, c, rel_tol=1e-5) and math.isclose(b, d, rel_tol=1e-5)
+    for k, v in plain_model.state_dict().items():
+        assert torch.allclose(v.float(), cached_model.state_dict()[k].float(), atol=1e-5), k
+    m = make_method(spec)
+    model = m.build(tiny_resnet_source, 5, arch="resnet20", in_shape=(1, 28, 28), seed=0)
+    m.runtime = Runtime(cache_mb=2048)
+    m.prepare(model, tiny_task)
+    assert sum(t is not None for t in m._teacher) == len({j % model.source.num_blocks for j in m.layers})
+    m.runtime = Runtime(augmenting=True)
+    m.prepare(model, tiny_task)
+    assert m._teacher is None

@@ -171,17 +171,20 @@ class Delta(KnowDist):
         return super().build(source, num_classes, arch=arch, in_shape=in_shape, seed=seed)
 
     def prepare(self, model: nn.Module, task: Any) -> None:
+        super().prepare(model, task)  # the frozen source's cached features, as KnowDist's
         c: DeltaConfig = self.config  # type: ignore[assignment]
         k = c.attention_examples
         rt = self.runtime
         x = rt.to(task.train.inputs(slice(0, k)))
         self.weights = channel_attention(model.source, x, rt.to(task.train.y[:k]), self.layers, c.temperature)
 
-    def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_terms(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         if self.weights is None:
             raise RuntimeError("delta needs its channel attention: call prepare(model, task) first")
         c: DeltaConfig = self.config  # type: ignore[assignment]
-        logits, feats, source_feats = self.paired_features(model, x)
+        logits, feats, source_feats = self.paired_features(model, x, index)
         head = sum(p.pow(2).sum() for p in model.target.head.parameters())
         reg = c.alpha * weighted_feature_distance(feats, source_feats, self.layers, self.weights)
         return {"task": F.cross_entropy(logits, y), "reg": reg + 0.5 * c.beta * head}

@@ -78,7 +78,8 @@ def with_dtnh(base: type[Method]) -> type[Method]:
                 task.backward()
                 g_task = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 reg_grads = closed_form()
-                g_reg = [reg_grads[p] if p in reg_grads else torch.zeros_like(p) for p in params]
+                scale = getattr(self, "loss_scale", 1.0)  # float16: the task's gradient is scaled
+                g_reg = [reg_grads[p] * scale if p in reg_grads else torch.zeros_like(p) for p in params]
             else:
                 reg = sum(reg_terms, torch.zeros(()))
                 g_task = list(

@@ -16,6 +16,7 @@ from torch import nn
 from paramtransfer.errors import UserError
 from paramtransfer.methods.base import Method, MethodConfig, frozen_copy, register_method, transfer_copy
 from paramtransfer.models.layered import LayeredNet
+from paramtransfer.runtime import evaluating
 
 
 @dataclass
@@ -159,19 +160,48 @@ class KnowDist(Method):
     def export(self, model: nn.Module) -> nn.Module:
         return model.target
 
-    @staticmethod
+    # the trainer passes each batch's row indices, so that the frozen source's features on the training
+    # split can be computed once (prepare) instead of at every step
+    wants_batch_index = True
+
+    def prepare(self, model: nn.Module, task: Any) -> None:
+        """The frozen source's outputs of the compared blocks on the whole training split, computed once
+        in eval mode when they fit ``runtime.cache_mb`` (the teacher is frozen and deterministic, so a
+        cached row equals the one computed at a step); never while the inputs are augmented."""
+        self._teacher: list[torch.Tensor | None] | None = None
+        split, rt = task.train, self.runtime
+        if rt.augmenting or not rt.cache_mb or not len(split):
+            return
+        n = model.source.num_blocks
+        layers = sorted({j % n for j in self.layers})
+        with torch.no_grad(), evaluating(model.source), rt.autocast():
+            one = model.source.features(rt.to(split.inputs(slice(0, 1))))
+            size = sum(one[j].numel() * one[j].element_size() for j in layers) * len(split)
+            if size > rt.cache_mb * 2**20:
+                return
+            channels_last = next(model.target.parameters()).is_contiguous(memory_format=torch.channels_last)
+            chunks = [model.source.features(xb) for xb in rt.inputs(split, 256, channels_last=channels_last)]
+        self._teacher = [torch.cat([c[j] for c in chunks]) if j in layers else None for j in range(n)]
+
     def paired_features(
-        model: nn.Module, x: torch.Tensor
+        self, model: nn.Module, x: torch.Tensor, index: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """The target's logits and block outputs, and the frozen source's block outputs (no graph)."""
+        """The target's logits and block outputs, and the frozen source's block outputs (no graph): the
+        cached rows ``index`` of the training split when there are (see :meth:`prepare`)."""
         logits, feats = model.target.forward_features(x)
+        cache = getattr(self, "_teacher", None)
+        if cache is not None and index is not None:
+            idx = index.to(next(t for t in cache if t is not None).device)
+            return logits, feats, [t[idx] if t is not None else None for t in cache]  # type: ignore[misc]
         with torch.no_grad():
             source_feats = model.source.features(x)
         return logits, feats, source_feats
 
-    def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_terms(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         c: KnowDistConfig = self.config  # type: ignore[assignment]
-        logits, feats, source_feats = self.paired_features(model, x)
+        logits, feats, source_feats = self.paired_features(model, x, index)
         return {
             "task": F.cross_entropy(logits, y),
             "reg": c.beta * feature_distance(feats, source_feats, self.layers),

@@ -303,7 +303,8 @@ def prefix_cache(
 def make_runtime(config: TrainConfig) -> Runtime:
     """The device (resolved: an absent one is a UserError) and precision of ``config``."""
     device = resolve_device(config.device)
-    return Runtime(device, check_precision(config.precision, device), bool(config.augment))
+    precision = check_precision(config.precision, device)
+    return Runtime(device, precision, bool(config.augment), int(config.prefix_cache_mb))
 
 
 def fit(
@@ -420,6 +421,7 @@ def fit(
             if scaler is None:
                 method.backward(terms, model)
             else:  # the terms scaled alike: every backward (DTNH's projection too) is linear in them
+                method.loss_scale = float(scaler.get_scale())  # for gradients computed in closed form
                 method.backward({k: scaler.scale(v) for k, v in terms.items()}, model)
                 scaler.unscale_(optimizer)
             for cb in callbacks:
