@@ -44,7 +44,7 @@ def test_architecture_blocks_and_parameter_count():
         (2, 1), (3, 1), (4, 1), (4, 2), (5, 1), (5, 2), (6, 1), (6, 2), (6, 3)
     ]  # fmt: skip
     bn = net.blocks[0][1]
-    assert bn.eps == pytest.approx(1e-3) and bn.momentum == pytest.approx(0.01)
+    assert bn.eps == pytest.approx(1e-3) and bn.momentum == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize(

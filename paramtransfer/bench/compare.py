@@ -17,9 +17,11 @@ from paramtransfer.bench.paper import (
     side_paper,
 )
 from paramtransfer.bench.suites import Section, register_kind
+from paramtransfer.errors import UserError
 from paramtransfer.experiments.compare import CompareConfig, compare
 from paramtransfer.methods.base import make_config, parse_method_spec
 from paramtransfer.report.tables import best_ft, corrected_base, ft_level, label, pct, row_order
+from paramtransfer.train.checkpoint import atomic_write_json
 
 _NUMBERS = re.compile(r"(\d+(?:\.\d+)?)")
 
@@ -56,6 +58,12 @@ def render_compare(summary: dict[str, Any], paper: dict[str, Any] | None, result
     if paper.get("mirrors"):
         out.append(f"Paper: {paper['mirrors']}.")
     out.append(f"Ours: {_describe(summary.get('config') or {})}.")
+    scores = summary.get("source_scores") or {}
+    if scores:
+        shown = ", ".join(f"{n} {v['mean']:.3f} ± {v['std']:.3f}" for n, v in scores.items())
+        out.append(
+            f"Transferability of the source on the target's training split (per seed, mean ± std): {shown}."
+        )
     out.append("")
     columns = paper.get("columns")
     head = ["method variant", "ours: test % (mean ± std, seeds)", "selected lr"]
@@ -146,10 +154,52 @@ def _present(spec: Any, selected: dict[str, dict[str, Any]]) -> bool:
     return resolve_side(str(spec), selected).entry is not None
 
 
+def source_scores(cfg: CompareConfig, names: list[str]) -> dict[str, Any]:
+    """Transferability scores (``names`` of :data:`~paramtransfer.selection.rank.SCORE_NAMES` but lps) of
+    the comparison's source on each seed's target training split, with their mean and std."""
+    import statistics
+
+    from paramtransfer.experiments.compare import resolve_source
+    from paramtransfer.experiments.run import _target_task, runtime_of
+    from paramtransfer.selection.rank import fast_scores
+
+    src = resolve_source(
+        cfg.source, cfg.arch, epochs=cfg.source_epochs, seed=cfg.source_seed, limit=cfg.source_limit
+    )
+    data = {k: v for k, v in cfg.data.items() if k in ("val_shots", "test_limit", "image_size", "memory_mb")}
+    per_seed: dict[str, list[float]] = {n: [] for n in names}
+    for seed in cfg.seeds:
+        task = _target_task(cfg.target, src, cfg.shots, seed, data)
+        values = fast_scores(src, task, runtime_of(cfg.train))
+        for n in names:
+            per_seed[n].append(values[n])
+    return {
+        n: {
+            "per_seed": v,
+            "mean": statistics.fmean(v),
+            "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+        }
+        for n, v in per_seed.items()
+    }
+
+
+_SCORABLE = ("logme", "leep", "nce", "hscore")
+
+
 def run_compare_setting(config: dict[str, Any], out: Path, executor: Any, progress: bool) -> dict[str, Any]:
-    """The ``compare`` kind: the YAML is a CompareConfig; finished runs are reused by compare itself."""
+    """The ``compare`` kind: the YAML is a CompareConfig, plus an optional ``scores: [logme, leep, ...]``
+    (transferability scores of the source on each seed's target training split, written into
+    ``results.json`` as ``source_scores``); finished runs are reused by compare itself."""
+    config = dict(config)
+    names = config.pop("scores", None) or []
+    if not isinstance(names, list) or any(n not in _SCORABLE for n in names):
+        raise UserError(f"benchmark setting: scores must be a list of {', '.join(_SCORABLE)} (got {names!r})")
     cfg = make_config(CompareConfig, config, "benchmark setting")  # type: ignore[arg-type]
-    return compare(cfg, out, executor=executor, progress=progress)  # type: ignore[arg-type]
+    summary = compare(cfg, out, executor=executor, progress=progress)  # type: ignore[arg-type]
+    if names:
+        summary["source_scores"] = source_scores(cfg, names)
+        atomic_write_json(Path(out) / "results.json", summary)
+    return summary
 
 
 register_kind("compare", run_compare_setting, render_compare)

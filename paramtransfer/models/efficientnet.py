@@ -5,8 +5,13 @@ Blocks: the stem (3x3 conv, stride 2, BN, ReLU6), the seven MBConv stages (each 
 and the task layer ``Linear(1280, num_classes)`` (dropout 0.2 before it, as in the original). Lite
 means: no squeeze-and-excitation, ReLU6 everywhere, a fixed stem and head width.
 
-BatchNorm follows the TensorFlow original: eps 1e-3, momentum 0.99 in TF terms, i.e. 0.01 in PyTorch's
-(the weight of the new batch statistics).
+BatchNorm: eps 1e-3 as in the TensorFlow original; momentum 0.1 (PyTorch's default, as torchvision's
+and timm's EfficientNets), not TF's decay 0.99 (0.01 in PyTorch's terms). The decay suits a long ImageNet
+run; in a target training of ~100 steps the running statistics would barely leave their start. Measured
+here (Fashion-MNIST, 10 shots, 64 px, 20 epochs): trained from scratch with momentum 0.01 the network
+stays at chance on validation (10 %) while its training loss falls from 2.6 to 1.1, because evaluation
+normalises with statistics that lag the weights. Momentum changes nothing in evaluation mode, so the
+ImageNet predictions are the same with either value.
 
 Padding: the ImageNet weights were trained in TensorFlow with ``padding="SAME"``. For a stride-2
 convolution on an even-sized input TF pads asymmetrically (the extra pixel goes right/bottom), which no
@@ -42,7 +47,7 @@ from torch import nn
 from paramtransfer.models.layered import LayeredNet
 
 BN_EPS = 1e-3
-BN_MOMENTUM = 0.01  # PyTorch convention: TF's decay 0.99
+BN_MOMENTUM = 0.1  # PyTorch's convention and default; TF's decay 0.99 would be 0.01 (see above)
 
 # (expand ratio, kernel, stride of the first block, output channels, repeats) per stage
 LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
