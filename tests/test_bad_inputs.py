@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from paramtransfer.cli import main
 from paramtransfer.experiments.executors import child_pythonpath
@@ -575,6 +576,38 @@ CASES: list[Case] = [
         "ray-unreadable-address",
         _plain("compare", "--executor", "ray", "--address", "host:port", "--quiet"),
         "--address host:port" if _STORE_RAY else "paramtransfer[ray]",
+    ),
+    # device, precision, image size, augmentation, the activation caches' budget
+    *(
+        []
+        if torch.cuda.is_available()
+        else [Case("device-cuda-absent", _plain(*RUN, "--method", "scratch", "--device", "cuda"), "no CUDA")]
+    ),
+    Case("device-unknown", _plain(*RUN, "--method", "scratch", "--device", "tpu"), "device 'tpu' is unknown"),
+    Case("device-cuda-index-text", _plain(*RUN, "--method", "scratch", "--device", "cuda:x"), "cuda:N"),
+    Case("precision-unknown", _plain(*RUN, "--method", "scratch", "--precision", "8"), "--precision"),
+    Case("image-size-zero", _plain(*RUN, "--method", "scratch", "--image-size", "0"), "--image-size"),
+    Case("image-size-huge", _plain(*RUN, "--method", "scratch", "--image-size", "100000"), "image_size"),
+    Case(
+        "set-image-size-text",
+        _plain("compare", "--methods", "scratch", "--set", "data.image_size=big", "--quiet"),
+        "image_size",
+    ),
+    Case(
+        "image-size-a-lenet-source-cannot-take",
+        lambda tmp, saved: [*RUN, "--method", "finetune", "--source", str(saved), "--image-size", "64"],
+        "cannot take 64x64 images",
+    ),
+    Case("set-augment-text", _plain(*RUN, "--method", "scratch", "--set", "train.augment=maybe"), "augment"),
+    Case(
+        "set-prefix-cache-negative",
+        _plain(*RUN, "--method", "scratch", "--set", "train.prefix_cache_mb=-1"),
+        "prefix_cache_mb",
+    ),
+    Case(
+        "set-precision-unknown",
+        _plain(*RUN, "--method", "scratch", "--set", "train.precision=64"),
+        "precision",
     ),
     # the memory budget of image folders (a larger folder streams from disk)
     Case(

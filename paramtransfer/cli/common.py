@@ -210,7 +210,10 @@ def _target_args(p: argparse.ArgumentParser) -> None:
 def _device(text: str) -> str:
     from paramtransfer.runtime import check_device_name
 
-    return check_device_name(text)
+    try:
+        return check_device_name(text)
+    except UserError as err:  # argparse's own wording would hide the cure
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _runtime_args(p: argparse.ArgumentParser, *, image_size: bool = True) -> None:
