@@ -376,3 +376,24 @@ def test_run_reuses_its_own_result_and_refuses_another_methods(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "holds the finished result of another run (scratch" in err and "use another --out" in err
     assert (out / "result.json").read_bytes() == first
+
+
+def test_demo_prints_a_second_table_from_the_imagenet_source(tmp_path, monkeypatch, capsys):
+    """`demo` ends with the ImageNet source's table (here shrunk: one method, one epoch) in OUT/imagenet;
+    --no-imagenet skips it."""
+    from paramtransfer.experiments import compare as compare_module
+
+    tiny = compare_module.imagenet_demo_config()
+    tiny.methods, tiny.lrs, tiny.epochs, tiny.shots = ["linear_probe"], [0.01], 1, 1
+    tiny.data = {**tiny.data, "test_limit": 10, "image_size": 32}
+    monkeypatch.setattr(compare_module, "imagenet_demo_config", lambda: tiny)
+    argv = ["demo", "--methods", "scratch", "--lr", "0.1", "--seeds", "0", "--epochs", "1", "--shots", "2"]
+    argv += ["--source-epochs", "1", "--set", "data.test_limit=20", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "with")]) == 0
+    out = capsys.readouterr().out
+    assert "ImageNet network" in out and "linear probe" in out
+    summary = json.loads((tmp_path / "with" / "imagenet" / "results.json").read_text())
+    assert summary["config"]["source"] == "imagenet" and summary["selected"]["linear_probe"]["status"] == "ok"
+    assert load_results(tmp_path / "with")["config"]["source"] != "imagenet"  # the tables do not mix
+    assert main([*argv, "--no-imagenet", "--out", str(tmp_path / "without")]) == 0
+    assert not (tmp_path / "without" / "imagenet").exists()

@@ -52,6 +52,24 @@ from paramtransfer.train.checkpoint import atomic_write_bytes, atomic_write_json
 DEMO_METHODS = "scratch,linear_probe,finetune,finetune[freeze=all],l2sp"
 
 
+def imagenet_demo_config() -> CompareConfig:
+    """The demo's second, short table: the ImageNet source (EfficientNet-Lite0) -> Fashion-MNIST, all 10
+    classes, 10 shots per class, 64 px; scratch, linear probe and fine-tuning, one seed, two learning
+    rates (about 2-3 minutes on 2 CPU cores; ``benchmarks/imagenet`` has the full, 3-seed version)."""
+    return CompareConfig(
+        arch="efficientnet_lite0",
+        source="imagenet",
+        target="fashion",
+        shots=10,
+        methods=["scratch", "linear_probe", "finetune"],
+        lrs=[0.03, 0.01],
+        seeds=[0],
+        epochs=15,
+        train={"batch_size": 16},
+        data={"image_size": 64, "test_limit": 1000},
+    )
+
+
 @dataclass
 class CompareConfig:
     """One comparison. ``method_options`` maps a method name to option overrides (from ``--set``)."""
