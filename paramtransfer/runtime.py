@@ -1,6 +1,7 @@
 """Where and how a network runs: the device (``--device``) and the numeric precision (``--precision``).
 
-* ``auto`` picks CUDA when present, else Apple's MPS, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` and
+* ``auto`` picks CUDA when present, else Apple's MPS, else the CPU (``$PARAMTRANSFER_DEVICE``, if set,
+  overrides that choice: the test suite sets it to ``cpu``); ``cpu``, ``cuda``, ``cuda:N`` and
   ``mps`` ask for one; a device this machine lacks is a :class:`UserError` (one line, exit 2).
 * ``32`` runs in float32 (CPU results are then bit-for-bit what they always were); ``bf16`` and ``16``
   run the forward pass under ``torch.autocast`` (weights, optimizer state and the loss's backward stay
@@ -13,6 +14,7 @@ whether the training inputs are augmented (then nothing may be cached per traini
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,7 @@ from torch import nn
 from paramtransfer.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICE_ENV = "PARAMTRANSFER_DEVICE"  # if set, the device "auto" stands for (e.g. cpu in the test suite)
 PRECISIONS = ("32", "bf16", "16")
 _DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 
@@ -45,6 +48,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if isinstance(name, torch.device):
         return name
     name = check_device_name(name)
+    if name == "auto" and os.environ.get(DEVICE_ENV):
+        name = check_device_name(os.environ[DEVICE_ENV])  # what "auto" means on this machine
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

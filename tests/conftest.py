@@ -15,6 +15,8 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory):
     """Cached sources go to a temporary PARAMTRANSFER_HOME, never to the user's cache."""
     old = os.environ.get("PARAMTRANSFER_HOME")
     os.environ["PARAMTRANSFER_HOME"] = str(tmp_path_factory.mktemp("pt_home"))
+    # "auto" means the CPU in the suite (its checks compare with CPU tensors); tests marked gpu ask for cuda
+    os.environ["PARAMTRANSFER_DEVICE"] = "cpu"
     torch.set_num_threads(2)
     yield
     if old is None:

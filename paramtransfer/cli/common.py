@@ -42,6 +42,7 @@ Environment:
   $PARAMTRANSFER_HOME   cache of pretrained sources (default ~/.cache/paramtransfer)
   $PARAMTRANSFER_DATA   a folder holding the Fashion-MNIST files *-idx?-ubyte.gz
                         (default /usr/share/datasets/fashion-mnist)
+  $PARAMTRANSFER_DEVICE the device --device auto stands for (default: CUDA if present, else MPS, else CPU)
 """
 
 
