@@ -230,9 +230,9 @@ def test_a_kind_registered_in_another_module_runs_and_renders(tmp_path: Path, mo
 
 
 def test_bench_speed_runs_the_speed_suite_and_the_report_shows_it(tmp_path: Path, monkeypatch) -> None:
-    calls = []
+    calls, flags = [], []
 
-    def run_speed_suite(out: Path, *, progress: bool = True) -> dict:
+    def run_speed_suite(out: Path, *, progress: bool = True, imagenet: bool = True) -> dict:
         data = {
             "train_step_ratio": {"lenet": {"ptu": 2.0}},
             "eval_ratio": {"lenet": {"ptu": 3.0}},
@@ -241,6 +241,7 @@ def test_bench_speed_runs_the_speed_suite_and_the_report_shows_it(tmp_path: Path
             },
         }
         calls.append(Path(out))
+        flags.append(imagenet)
         Path(out).write_text(json.dumps(data))
         return data
 
@@ -257,6 +258,12 @@ def test_bench_speed_runs_the_speed_suite_and_the_report_shows_it(tmp_path: Path
         assert "| ptu_train_step_ratio | <= 1.8 | lenet 2.00 | **no** |" in text
         assert "| ptu | — | 2.00 | 3.00 | — |" in text
         assert "| tiny | A tiny paper (Someone) | not run: `paramtransfer bench tiny" in text
+    assert flags == [True]  # the EfficientNet-Lite0 rows by default
+    assert main(["bench", "speed", "--suites", str(root), "--out", str(out), "--no-imagenet", "--quiet"]) == 0
+    assert flags == [True, False]
+    # the flag belongs to bench speed: elsewhere it is refused, not ignored
+    assert main(["bench", "tiny", "--suites", str(root), "--out", str(out), "--no-imagenet"]) == 2
+    assert len(calls) == 2
 
 
 def test_unreadable_results_are_reported_not_raised(tmp_path: Path) -> None:

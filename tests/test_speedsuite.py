@@ -1,8 +1,9 @@
 """The speed suite: what it measures is what its JSON says, and its numbers fit together.
 
 One tiny suite run (LeNet, finetune / l2sp / dtnh:l2sp, batch 16, two repeats, a 64-example epoch for
-the trainer-vs-bare-loop comparison) is shared by the schema tests; the timings themselves are not
-asserted beyond being positive, since this machine is shared.
+the trainer-vs-bare-loop comparison, without the EfficientNet-Lite0 rows) is shared by the schema
+tests, and one tiny run of the EfficientNet-Lite0 rows (32 px, a handful of images, one round) by
+theirs; the timings themselves are not asserted beyond being positive, since this machine is shared.
 """
 
 from __future__ import annotations
@@ -10,23 +11,37 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import paramtransfer.bench.speedsuite as speedsuite
+from paramtransfer.bench.report import speed_section
 from paramtransfer.bench.speedsuite import (
+    TARGETS,
     bare_loop,
     default_methods,
     peak_rss_mb,
     run_speed_suite,
     synthetic_dataset,
+    synthetic_raw_images,
+    write_jpeg_folder,
 )
+from paramtransfer.data.pipeline import InputSpec, to_input
+from paramtransfer.data.task import load_task
 from paramtransfer.errors import UserError
 from paramtransfer.methods.base import METHODS
 from paramtransfer.models.zoo import build_model
 
 METHODS_SUBSET = ["finetune", "l2sp", "dtnh:l2sp"]
+IMAGENET_TARGETS = {
+    "imagenet_trainer_over_bare_loop",
+    "ftl_sweep_over_ft0",
+    "linear_probe_over_ft0",
+    "streamed_over_memory",
+}
+SWEEP = [f"finetune[freeze={level}]" for level in range(1, 9)]  # EfficientNet-Lite0 has 9 blocks
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +61,35 @@ def suite(tmp_path_factory: pytest.TempPathFactory, one_thread) -> tuple[dict, o
         mp.setattr(speedsuite, "TRAINER_EXAMPLES", 64)
         mp.setattr(speedsuite, "WARMUP", 1)
         result = run_speed_suite(
-            out, archs=("lenet",), methods=METHODS_SUBSET, batch=16, repeats=2, progress=False
+            out, archs=("lenet",), methods=METHODS_SUBSET, batch=16, repeats=2, progress=False, imagenet=False
         )
     return result, out
+
+
+@pytest.fixture(scope="module")
+def imagenet_suite(one_thread) -> dict:
+    """The whole suite with its EfficientNet-Lite0 rows at tiny sizes: 32 px, one round, 8-example
+    batches, 16 + 8 images in the fits, 30 JPEGs of 16 px (the LeNet part minimal, no memory children)."""
+    tiny = {
+        "TRAINER_EXAMPLES": 16,
+        "WARMUP": 0,
+        "IMAGENET_SIZE": 32,
+        "IMAGENET_BATCH": 8,
+        "IMAGENET_LOOP_EXAMPLES": 8,
+        "IMAGENET_TRAIN": 16,
+        "IMAGENET_VAL": 8,
+        "IMAGENET_EPOCHS": 1,
+        "FOLDER_FILES": 30,
+        "FOLDER_IMAGE_SIZE": 16,
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in tiny.items():
+            mp.setattr(speedsuite, name, value)
+        mp.setattr(speedsuite, "peak_rss_mb", lambda *a, **k: 1.0)  # no child processes here
+        lines: list[str] = []
+        mp.setattr(speedsuite, "_progress_log", lambda t_start: lines.append)
+        result = run_speed_suite(None, archs=("lenet",), methods=["finetune"], batch=8, repeats=1)
+    return {"result": result, "log": lines}
 
 
 def test_json_has_every_documented_key(suite):
@@ -73,7 +114,9 @@ def test_json_has_every_documented_key(suite):
         "dtnh_over_l2sp",
         "dtnh_over_knowdist",
         "trainer_over_bare_loop",
+        *IMAGENET_TARGETS,
     }
+    assert "imagenet" not in result  # imagenet=False
     assert json.loads(out.read_text()) == result  # what is returned is what was written
 
 
@@ -112,7 +155,8 @@ def test_targets_are_judged_from_the_measured_values(suite):
     bare = targets["trainer_over_bare_loop"]
     assert bare["values"] == {"lenet": result["trainer_over_bare_loop"]}
     assert bare["met"] is (result["trainer_over_bare_loop"] >= 0.95)
-    for unmeasured in ("ptu_train_step_ratio", "dtnh_over_knowdist"):  # not in the method subset
+    # not in the method subset, or the EfficientNet-Lite0 rows left out (imagenet=False)
+    for unmeasured in ("ptu_train_step_ratio", "dtnh_over_knowdist", *IMAGENET_TARGETS):
         assert targets[unmeasured]["values"] == {} and targets[unmeasured]["met"] is None
 
 
@@ -151,7 +195,9 @@ def test_out_none_writes_nothing(tmp_path, monkeypatch, one_thread):
     monkeypatch.setattr(speedsuite, "TRAINER_EXAMPLES", 16)
     monkeypatch.setattr(speedsuite, "WARMUP", 0)
     monkeypatch.setattr(speedsuite, "peak_rss_mb", lambda *a, **k: 1.0)  # no child processes here
-    result = run_speed_suite(None, archs=("lenet",), methods=["finetune"], batch=8, repeats=1, progress=False)
+    result = run_speed_suite(
+        None, archs=("lenet",), methods=["finetune"], batch=8, repeats=1, progress=False, imagenet=False
+    )
     assert result["train_step_ms"]["lenet"]["finetune"] > 0
     assert list(tmp_path.iterdir()) == []
 
@@ -160,7 +206,9 @@ def test_progress_goes_to_stderr_one_line_per_method(capsys, monkeypatch, one_th
     monkeypatch.setattr(speedsuite, "TRAINER_EXAMPLES", 16)
     monkeypatch.setattr(speedsuite, "WARMUP", 0)
     monkeypatch.setattr(speedsuite, "peak_rss_mb", lambda *a, **k: 1.0)
-    run_speed_suite(None, archs=("lenet",), methods=["l2sp"], batch=8, repeats=1, progress=True)
+    run_speed_suite(
+        None, archs=("lenet",), methods=["l2sp"], batch=8, repeats=1, progress=True, imagenet=False
+    )
     captured = capsys.readouterr()
     assert captured.out == ""
     for method in ("finetune", "l2sp"):
@@ -208,3 +256,213 @@ def test_bad_names_fail_before_anything_is_measured(tmp_path, monkeypatch, archs
     with pytest.raises(UserError, match=message):
         run_speed_suite(tmp_path / "r.json", archs=archs, methods=methods, repeats=1, progress=False)
     assert not (tmp_path / "r.json").exists()
+
+
+# ---- the EfficientNet-Lite0 rows ---------------------------------------------------------------------
+
+
+def _positive(value: float) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_imagenet_rows_are_measured_by_default_with_every_documented_key(imagenet_suite):
+    net = imagenet_suite["result"]["imagenet"]
+    for key in (
+        "trainer_over_bare_loop",
+        "trainer_over_bare_loop_detail",
+        "fit_s",
+        "fit_over_ft0",
+        "cached_prefix",
+        "ftl_sweep_over_ft0",
+        "linear_probe_over_ft0",
+        "fit_settings",
+        "streamed_over_memory",
+        "streamed_detail",
+        "wall_time_s",
+    ):
+        assert key in net, key
+    assert net["arch"] == "efficientnet_lite0"
+    assert (net["raw_shape"], net["input_shape"]) == ([1, 28, 28], [3, 32, 32])  # the patched 32 px
+    assert (net["batch"], net["repeats"]) == (8, 1)
+    assert net["fit_settings"] == {"train": 16, "val": 8, "epochs": 1, "batch": 8}
+    assert list(net["fit_s"]) == ["finetune", *SWEEP, "linear_probe"]
+    assert list(net["fit_over_ft0"]) == [*SWEEP, "linear_probe"]  # FT-0's own ratio is 1
+
+
+def test_imagenet_ratios_are_positive_and_come_from_the_medians(imagenet_suite):
+    net = imagenet_suite["result"]["imagenet"]
+    for key in (
+        "trainer_over_bare_loop",
+        "ftl_sweep_over_ft0",
+        "linear_probe_over_ft0",
+        "streamed_over_memory",
+    ):
+        assert _positive(net[key]), key
+    seconds = net["fit_s"]
+    assert all(_positive(v) for v in seconds.values())
+    for spec, ratio in net["fit_over_ft0"].items():
+        assert ratio == pytest.approx(seconds[spec] / seconds["finetune"], rel=1e-12)
+    sweep = sum(seconds[spec] for spec in SWEEP) / seconds["finetune"]
+    assert net["ftl_sweep_over_ft0"] == pytest.approx(sweep, rel=1e-12)
+    assert net["linear_probe_over_ft0"] == net["fit_over_ft0"]["linear_probe"]
+    loop = net["trainer_over_bare_loop_detail"]
+    assert (loop["examples"], loop["input_shape"]) == (8, [3, 32, 32])
+    assert net["trainer_over_bare_loop"] == pytest.approx(
+        loop["trainer_images_per_s"] / loop["bare_images_per_s"], rel=1e-9
+    )
+    folder = net["streamed_detail"]
+    assert folder["files"] == 30 and folder["file_shape"] == [3, 16, 16] and folder["train"] > 0
+    assert net["streamed_over_memory"] == pytest.approx(
+        folder["streamed_images_per_s"] / folder["memory_images_per_s"], rel=1e-9
+    )
+
+
+def test_each_fit_cached_the_frozen_prefix_of_its_method(imagenet_suite):
+    cached = imagenet_suite["result"]["imagenet"]["cached_prefix"]
+    assert cached == {
+        "finetune": 0,
+        **{f"finetune[freeze={level}]": level for level in range(1, 9)},
+        "linear_probe": 9,
+    }
+
+
+def test_imagenet_targets_are_judged_from_the_section(imagenet_suite):
+    result = imagenet_suite["result"]
+    keys = {
+        "imagenet_trainer_over_bare_loop": "trainer_over_bare_loop",
+        "ftl_sweep_over_ft0": "ftl_sweep_over_ft0",
+        "linear_probe_over_ft0": "linear_probe_over_ft0",
+        "streamed_over_memory": "streamed_over_memory",
+    }
+    for name, key in keys.items():
+        target = result["targets"][name]
+        value = result["imagenet"][key]
+        assert target["values"] == {"efficientnet_lite0": value}
+        op, limit = TARGETS[name]
+        assert (target["op"], target["limit"]) == (op, limit)
+        assert target["met"] is (value <= limit if op == "<=" else value >= limit)
+
+
+def test_imagenet_progress_lines_name_each_row(imagenet_suite):
+    log = "\n".join(imagenet_suite["log"])
+    for phase in ("trainer vs bare loop", "whole fits of finetune", "streamed folder vs in memory"):
+        assert f"efficientnet_lite0: {phase}" in log
+
+
+@pytest.mark.parametrize(
+    ("values", "met"),
+    [
+        (
+            {
+                "trainer_over_bare_loop": 0.97,
+                "ftl_sweep_over_ft0": 2.4,
+                "linear_probe_over_ft0": 0.05,
+                "streamed_over_memory": 0.95,
+            },
+            [True, True, True, True],
+        ),
+        (
+            {
+                "trainer_over_bare_loop": 0.9,
+                "ftl_sweep_over_ft0": 2.6,
+                "linear_probe_over_ft0": 0.2,
+                "streamed_over_memory": 0.5,
+            },
+            [False, False, False, False],
+        ),
+        (
+            {
+                "trainer_over_bare_loop": 0.95,
+                "ftl_sweep_over_ft0": 2.5,
+                "linear_probe_over_ft0": 0.1,
+                "streamed_over_memory": 0.9,
+            },
+            [True, True, True, True],
+        ),  # the limits themselves meet them
+    ],
+)
+def test_imagenet_targets_met_logic_on_hand_made_values(values, met):
+    result = {"train_step_ratio": {}, "dtnh_over_base": {}, "trainer_over_bare_loop": 1.0, "imagenet": values}
+    targets = speedsuite._targets(result)
+    names = [
+        "imagenet_trainer_over_bare_loop",
+        "ftl_sweep_over_ft0",
+        "linear_probe_over_ft0",
+        "streamed_over_memory",
+    ]
+    assert [targets[n]["met"] for n in names] == met
+    del result["imagenet"]  # results without the section (imagenet=False): nothing measured, nothing judged
+    assert all(speedsuite._targets(result)[n] == {**targets[n], "values": {}, "met": None} for n in names)
+
+
+def test_the_bare_loop_converts_raw_batches_like_the_trainer(one_thread):
+    """With a spec, each batch of raw uint8 rows goes through to_input: the same losses as a loop over
+    inputs converted up front (the conversion of a batch equals that of the whole split)."""
+    source = build_model("lenet", 5, in_shape=(1, 32, 32), seed=0)
+    spec = InputSpec.of((1, 32, 32))  # raw 1x28x28 uint8 -> 1x32x32 in [-1, 1]
+    raw, y = synthetic_raw_images(64, (1, 28, 28), 5, seed=0)
+    assert raw.dtype == torch.uint8
+    kwargs = {"batch": 16, "lr": 0.01, "momentum": 0.9, "channels_last": True, "epochs": 2}
+    per_batch = bare_loop(copy.deepcopy(source), raw, y, spec=spec, **kwargs)
+    up_front = bare_loop(copy.deepcopy(source), to_input(raw, spec), y, **kwargs)
+    assert per_batch == pytest.approx(up_front, rel=1e-5)
+
+
+def test_the_jpeg_folder_loads_in_memory_and_streamed_alike(tmp_path: Path):
+    write_jpeg_folder(tmp_path, 20, 16, 5, seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"class_{c}" for c in range(5)]
+    spec = InputSpec.of((3, 32, 32))
+    memory = load_task(f"folder:{tmp_path}", input_spec=spec)
+    streamed = load_task(f"folder:{tmp_path}", input_spec=spec, memory_mb=speedsuite.STREAMED_MEMORY_MB)
+    assert not memory.train.streamed and streamed.train.streamed
+    assert torch.equal(memory.train.raw(), streamed.train.raw())
+    assert tuple(memory.train.raw().shape[1:]) == (3, 16, 16)
+
+
+# ---- the report's speed section ----------------------------------------------------------------------
+
+
+def test_the_report_shows_the_imagenet_rows(imagenet_suite):
+    result = imagenet_suite["result"]
+    text = speed_section(json.loads(json.dumps(result)))  # as read back from results.json
+    net = result["imagenet"]
+    assert (
+        "efficientnet_lite0 at 32 px: whole fits (train 16, val 8, epochs 1, batch 8, median of 1 rounds)"
+        in text
+    )
+    assert f"| finetune | {net['fit_s']['finetune']:.2f} | 1 | 0 |" in text
+    for level in range(1, 9):
+        spec = f"finetune[freeze={level}]"
+        assert f"| {spec} | {net['fit_s'][spec]:.2f} | {net['fit_over_ft0'][spec]:.2f} | {level} |" in text
+    assert (
+        f"| linear_probe | {net['fit_s']['linear_probe']:.2f} | {net['linear_probe_over_ft0']:.2f} | 9 |"
+        in text
+    )
+    assert f"FT-l sweep (every l, summed) over one FT-0: {net['ftl_sweep_over_ft0']:.2f}" in text
+    assert (
+        f"streamed folder over in memory (training images per second): {net['streamed_over_memory']:.2f}"
+        in text
+    )
+    for name in IMAGENET_TARGETS:  # the targets table lists them with their limits
+        op, limit = TARGETS[name]
+        assert f"| {name} | {op} {limit} | efficientnet_lite0 " in text
+
+
+def test_the_report_without_the_imagenet_rows(suite):
+    result, _ = suite  # imagenet=False, as an old results.json: no "imagenet" key
+    old = json.loads(json.dumps(result))
+    old["targets"] = {k: v for k, v in old["targets"].items() if k not in IMAGENET_TARGETS}
+    text = speed_section(old)
+    assert "whole fits" not in text and "efficientnet_lite0" not in text
+    assert "Trainer over a bare PyTorch loop" in text
+    with_unmeasured = speed_section(json.loads(json.dumps(result)))
+    assert "| ftl_sweep_over_ft0 | <= 2.5 | — | — |" in with_unmeasured
+
+
+@pytest.mark.parametrize(
+    "imagenet",
+    [None, 3, "x", {}, {"fit_s": 3, "cached_prefix": [1]}, {"fit_s": {"finetune": "slow"}, "repeats": 2}],
+)
+def test_the_report_survives_odd_imagenet_rows(imagenet):
+    text = speed_section({"imagenet": imagenet, "trainer_over_bare_loop": 1.0})
+    assert text.startswith("## speed")

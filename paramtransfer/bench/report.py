@@ -388,4 +388,49 @@ def speed_section(data: dict[str, Any]) -> str:
             "Peak RSS of a process that only imports torch and paramtransfer: "
             f"{_num(data['rss_import_mb'], '.0f')} MB."
         )
+    out += _imagenet_speed(data.get("imagenet"))
     return "\n".join(out).rstrip()
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _imagenet_speed(net: Any) -> list[str]:
+    """The EfficientNet-Lite0 rows of ``bench speed`` (``data["imagenet"]``): every whole fit's time
+    next to FT-0's with the blocks it cached, then the four ratios. Nothing for results without them
+    (``--no-imagenet``, or measured before they existed); any key may be missing."""
+    net = _dict(net)
+    if not net:
+        return []
+    fit_s = _dict(net.get("fit_s"))
+    ratios = _dict(net.get("fit_over_ft0"))
+    cached = _dict(net.get("cached_prefix"))
+    shape = net.get("input_shape")
+    size = f" at {shape[-1]} px" if isinstance(shape, list) and shape else ""
+    settings = _dict(net.get("fit_settings"))
+    what = ", ".join(f"{k} {v}" for k, v in settings.items())
+    if net.get("repeats") is not None:
+        what += f"{', ' if what else ''}median of {net['repeats']} rounds"
+    out = [
+        "",
+        f"{net.get('arch', 'efficientnet_lite0')}{size}: whole fits ({what or 'settings not recorded'})",
+    ]
+    specs = list(dict.fromkeys([*fit_s, *ratios, *cached]))
+    if specs:
+        out += ["", "| method | fit (s) | × FT-0 | cached prefix (blocks) |", "|---|---|---|---|"]
+        for spec in specs:
+            ratio = "1" if spec == "finetune" else _num(ratios.get(spec))
+            prefix = cached.get(spec)
+            prefix = str(prefix) if isinstance(prefix, int) and not isinstance(prefix, bool) else "—"
+            out.append(f"| {spec} | {_num(fit_s.get(spec))} | {ratio} | {prefix} |")
+    out += [
+        "",
+        f"FT-l sweep (every l, summed) over one FT-0: {_num(net.get('ftl_sweep_over_ft0'))}; "
+        f"linear probe over FT-0: {_num(net.get('linear_probe_over_ft0'))}; "
+        f"trainer over a bare loop converting alike (images per second): "
+        f"{_num(net.get('trainer_over_bare_loop'))}; "
+        f"streamed folder over in memory (training images per second): "
+        f"{_num(net.get('streamed_over_memory'))}.",
+    ]
+    return out

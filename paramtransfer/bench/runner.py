@@ -75,8 +75,11 @@ def run_bench(
     executor: Any = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
+    imagenet: bool = True,
 ) -> BenchReport:
     """Run NAME's settings (or the speed suite), then write ``OUT/report.md`` (see the module docstring).
+
+    ``imagenet``: the speed suite also measures its EfficientNet-Lite0 rows (ignored by other NAMEs).
 
     Returns the report written to ``OUT`` (with ``record``, ``benchmarks/report.md`` is rebuilt too).
     """
@@ -87,7 +90,7 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / MANIFEST, {"suites": str(root.resolve())})
     if name == SPEED:
-        _run_speed(out, root, record=record, progress=progress)
+        _run_speed(out, root, record=record, progress=progress, imagenet=imagenet)
     for suite, setting, kind, config in todo:
         start = time.perf_counter()
         target = out / suite / setting
@@ -114,13 +117,13 @@ def record_setting(results: Path, dest: Path) -> list[Path]:
     return [dest / f.name for f in files]
 
 
-def _run_speed(out: Path, root: Path, *, record: bool, progress: bool) -> None:
+def _run_speed(out: Path, root: Path, *, record: bool, progress: bool, imagenet: bool) -> None:
     # imported here: the speed suite is its own module (and heavy); only `bench speed` needs it
     from paramtransfer.bench.speedsuite import run_speed_suite
 
     path = out / SPEED / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    run_speed_suite(path, progress=progress)
+    run_speed_suite(path, progress=progress, imagenet=imagenet)
     if record:
         (root / SPEED).mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, root / SPEED / "results.json")

@@ -1,7 +1,7 @@
 """The speed suite behind ``paramtransfer bench speed``: what each method costs next to fine-tuning.
 
-Four measurements, all on synthetic inputs of the architecture's shape (speed does not depend on the
-pixel values) and all in the calling process except the memory one:
+Five measurements, all on synthetic data (speed does not depend on the pixel values) and all in the
+calling process except the memory one:
 
 * **step and evaluation time** of every method relative to plain fine-tuning (``finetune``) on the
   same architecture and batch: all models of one architecture are built first, then their training
@@ -15,10 +15,15 @@ pixel values) and all in the calling process except the memory one:
   :func:`trainer_over_bare_loop`).
 * **peak resident memory** of a fresh Python process that builds one method's model and runs a few
   training steps, one child process at a time (see :func:`peak_rss_mb`).
+* **ImageNet-scale rows** (``imagenet=True``, the default): on EfficientNet-Lite0 at 64 px fed from raw
+  1x28x28 uint8 images converted at batch time (as a Fashion-MNIST target is), the trainer over a bare
+  loop that converts alike; whole fits of every FT-l (frozen-prefix cache on) and of the linear probe
+  over FT-0's; and a folder of JPEGs streamed from disk over the same folder in memory (see
+  :func:`imagenet_section`).
 
 Example:
     >>> from paramtransfer.bench.speedsuite import run_speed_suite
-    >>> r = run_speed_suite(None, archs=("lenet",), methods=["l2sp", "dtnh:l2sp"], repeats=3)
+    >>> r = run_speed_suite(None, archs=("lenet",), methods=["l2sp", "dtnh:l2sp"], repeats=3, imagenet=False)
     >>> r["dtnh_over_base"]["lenet"]["l2sp"]  # doctest: +SKIP
     1.04
 """
@@ -26,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -33,6 +39,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,14 +51,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from paramtransfer.bench.speed import _interleaved_medians, _steppers, measure_arch
-from paramtransfer.data.task import Split
+from paramtransfer.data.files import default_workers
+from paramtransfer.data.pipeline import InputSpec, to_input
+from paramtransfer.data.task import Split, Task, load_task
 from paramtransfer.errors import UserError
 from paramtransfer.experiments.compare import split_arch_options
 from paramtransfer.experiments.executors import child_pythonpath
 from paramtransfer.methods.base import METHODS, make_method, parse_method_spec
 from paramtransfer.models.zoo import build_model, list_models
 from paramtransfer.train.checkpoint import atomic_write_json
-from paramtransfer.train.trainer import TrainConfig, fit, uses_channels_last
+from paramtransfer.train.trainer import TrainConfig, fit, to_memory_format, uses_channels_last
 
 BASELINE = "finetune"
 DTNH_VARIANTS = ("dtnh:l2sp", "dtnh:knowdist", "dtnh:delta")
@@ -62,12 +71,37 @@ RSS_STEPS = 3  # training steps a memory child runs (the first allocates; later 
 WARMUP = 3
 NUM_CLASSES = 5
 
+# The ImageNet-scale rows (imagenet_section); about 5 minutes on one or two threads with the defaults
+IMAGENET_ARCH = "efficientnet_lite0"
+IMAGENET_SIZE = 64  # side of the model input (the demo's and benchmarks/imagenet's 64 px)
+IMAGENET_RAW_SHAPE = (1, 28, 28)  # the raw uint8 images, converted at batch time as Fashion-MNIST's are
+IMAGENET_BATCH = 32
+IMAGENET_REPEATS = 5  # at most this many interleaved rounds: a round is whole epochs and fits, not steps
+IMAGENET_LOOP_EXAMPLES = 320  # the trainer-vs-bare-loop epoch (rounded up to whole batches)
+IMAGENET_TRAIN = 320  # training images of each whole fit (FT-0, FT-l, linear probe)
+IMAGENET_VAL = 100  # validation images, evaluated after every epoch
+IMAGENET_EPOCHS = 3
+FOLDER_FILES = 400  # JPEGs of the streamed-vs-in-memory row
+FOLDER_IMAGE_SIZE = 48  # their side (RGB)
+STREAMED_MEMORY_MB = 1e-3  # a folder budget (1 KiB) below any folder's decoded size: it streams
+
 # name -> (op, limit): met when every measured arch's value satisfies `value op limit`
 TARGETS: dict[str, tuple[str, float]] = {
     "ptu_train_step_ratio": ("<=", 1.8),
     "dtnh_over_l2sp": ("<=", 1.10),
     "dtnh_over_knowdist": ("<=", 1.5),
     "trainer_over_bare_loop": (">=", 0.95),
+    "imagenet_trainer_over_bare_loop": (">=", 0.95),
+    "ftl_sweep_over_ft0": ("<=", 2.5),
+    "linear_probe_over_ft0": ("<=", 0.1),
+    "streamed_over_memory": (">=", 0.9),
+}
+# target name -> the key of result["imagenet"] it judges (values keyed by IMAGENET_ARCH)
+IMAGENET_TARGETS = {
+    "imagenet_trainer_over_bare_loop": "trainer_over_bare_loop",
+    "ftl_sweep_over_ft0": "ftl_sweep_over_ft0",
+    "linear_probe_over_ft0": "linear_probe_over_ft0",
+    "streamed_over_memory": "streamed_over_memory",
 }
 
 _CHILD = "import sys; from paramtransfer.bench.speedsuite import _child; _child(sys.argv[1:])"
@@ -81,8 +115,10 @@ def run_speed_suite(
     batch: int = 128,
     repeats: int = 20,
     progress: bool = True,
+    imagenet: bool = True,
 ) -> dict[str, Any]:
-    """Measure every method's training-step and evaluation cost, the trainer's overhead and peak memory.
+    """Measure every method's training-step and evaluation cost, the trainer's overhead, peak memory and
+    (``imagenet``) the EfficientNet-Lite0 rows.
 
     Args:
         out: JSON file written atomically at the end (None: write nothing).
@@ -92,8 +128,10 @@ def run_speed_suite(
             which includes ``dtnh:l2sp``, ``dtnh:knowdist`` and ``dtnh:delta``. ``finetune`` is always
             measured, as the baseline.
         batch: examples per training step and per evaluation pass.
-        repeats: interleaved rounds whose median is taken (also for the trainer-vs-bare-loop epochs).
+        repeats: interleaved rounds whose median is taken (also for the trainer-vs-bare-loop epochs; the
+            EfficientNet-Lite0 rows take at most ``IMAGENET_REPEATS`` of them).
         progress: one line per architecture/method and phase on stderr.
+        imagenet: also measure the EfficientNet-Lite0 rows (:func:`imagenet_section`; about 5 minutes).
 
     Returns:
         ``train_step_ms`` / ``eval_ms``: ``{arch: {method: median ms}}``, ``finetune`` included.
@@ -105,6 +143,8 @@ def run_speed_suite(
         ``trainer_over_bare_loop_detail``.
         ``peak_rss_mb``: ``{arch: {method: MB}}`` for every method measured (see :func:`peak_rss_mb`);
         ``rss_import_mb``: the same for a child that only imports torch and paramtransfer, to subtract.
+        ``imagenet``: the EfficientNet-Lite0 rows, see :func:`imagenet_section` (absent with
+        ``imagenet=False``).
         ``targets``: ``{name: {"op", "limit", "values": {arch: value}, "met"}}``; ``met`` is true when
         every measured value meets the limit, None when nothing was measured for it.
         Plus ``command``, ``batch``, ``repeats``, ``threads``, ``torch``, ``date``, ``wall_time_s`` and
@@ -120,6 +160,8 @@ def run_speed_suite(
         raise UserError(f"batch must be a whole number >= 1 (got {batch!r})")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise UserError(f"repeats must be a whole number >= 1 (got {repeats!r})")
+    if not isinstance(imagenet, bool):
+        raise UserError(f"imagenet must be true or false (got {imagenet!r})")
     plan = {arch: _specs_for(arch, methods) for arch in _check_archs(archs)}
     log = _progress_log(t_start) if progress else None
     threads = torch.get_num_threads()
@@ -140,6 +182,8 @@ def run_speed_suite(
     detail = trainer_over_bare_loop(batch=batch, repeats=repeats)
     result["trainer_over_bare_loop"] = detail.pop("ratio")
     result["trainer_over_bare_loop_detail"] = detail
+    if imagenet:
+        result["imagenet"] = imagenet_section(repeats=repeats, log=log)
 
     result["rss_import_mb"] = peak_rss_mb(None, "lenet", batch=batch, threads=threads)
     result["peak_rss_mb"] = {}
@@ -237,6 +281,9 @@ def _targets(result: dict[str, Any]) -> dict[str, Any]:
         },
         "trainer_over_bare_loop": {"lenet": result["trainer_over_bare_loop"]},
     }
+    net = result.get("imagenet") or {}
+    for name, key in IMAGENET_TARGETS.items():
+        values[name] = {IMAGENET_ARCH: net[key]} if key in net else {}
     out = {}
     for name, (op, limit) in TARGETS.items():
         got = values[name]
@@ -264,8 +311,14 @@ def _load_average() -> float | None:
 # ---- the trainer against a bare PyTorch loop --------------------------------------------------------
 
 
+def _whole_batches(n: int, batch: int) -> int:
+    """``n`` rounded up to whole batches (so that the trainer merges no small remainder into the last
+    batch and both loops take the same batches)."""
+    return batch * math.ceil(n / batch)
+
+
 def _examples(batch: int) -> int:
-    return batch * math.ceil(TRAINER_EXAMPLES / batch)
+    return _whole_batches(TRAINER_EXAMPLES, batch)
 
 
 def synthetic_dataset(
@@ -279,6 +332,15 @@ def synthetic_dataset(
     return prototypes[y] + torch.randn(n, *in_shape, generator=gen), y
 
 
+def synthetic_raw_images(
+    n: int, shape: tuple[int, ...], num_classes: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`synthetic_dataset` as an 8-bit dataset stores it: uint8 pixels ``128 + 40 * value``
+    (rounded, clipped to 0..255), ``[n, *shape]``, with the same labels."""
+    x, y = synthetic_dataset(n, shape, num_classes, seed)
+    return (128 + 40 * x).round().clamp(0, 255).to(torch.uint8), y
+
+
 def bare_loop(
     model: nn.Module,
     x: torch.Tensor,
@@ -290,12 +352,18 @@ def bare_loop(
     channels_last: bool,
     epochs: int = 1,
     seed: int = 0,
+    spec: InputSpec | None = None,
 ) -> list[float]:
     """Plain PyTorch SGD training, the yardstick for the trainer: shuffle, slice, forward, cross-entropy,
-    backward, step. Returns the loss of every step."""
+    backward, step. Returns the loss of every step.
+
+    ``spec``: ``x`` holds raw images (e.g. uint8), and each batch's rows are converted to the model's
+    input with :func:`~paramtransfer.data.pipeline.to_input` (then put in the memory format), as the
+    trainer converts its batches; ``None``: ``x`` already is model input (put in the memory format once)."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+        if spec is None:
+            x = x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     shuffle = torch.Generator().manual_seed(seed)
     model.train()
@@ -304,12 +372,75 @@ def bare_loop(
         perm = torch.randperm(len(y), generator=shuffle)
         for i in range(0, len(y), batch):
             idx = perm[i : i + batch]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            xb = x[idx] if spec is None else to_memory_format(to_input(x[idx], spec), channels_last)
+            loss = F.cross_entropy(model(xb), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
     return losses
+
+
+class _TimedFit:
+    """A whole :func:`~paramtransfer.train.trainer.fit` of one method spec on a task, as a timing fn for
+    :func:`~paramtransfer.bench.speed._interleaved_medians`: the method's model is built once from
+    ``source`` (new head of ``NUM_CLASSES``), each call trains a fresh copy of it (copied outside the
+    clock) and returns the seconds of the ``fit`` call; ``cached_prefix`` is the last fit's
+    :attr:`~paramtransfer.train.trainer.FitOutcome.cached_prefix`."""
+
+    def __init__(self, spec: str, source: nn.Module, task: Any, config: TrainConfig, seed: int) -> None:
+        self.method = make_method(spec)
+        self.initial = self.method.build(
+            source, NUM_CLASSES, arch=source.arch, in_shape=source.in_shape, seed=seed
+        )
+        self.task, self.config, self.seed = task, config, seed
+        self.cached_prefix: int | None = None
+
+    def __call__(self) -> float:
+        model = copy.deepcopy(self.initial)
+        t0 = time.perf_counter()
+        outcome = fit(model, self.method, self.task, self.config, seed=self.seed)
+        seconds = time.perf_counter() - t0
+        self.cached_prefix = outcome.cached_prefix
+        return seconds
+
+
+def _trainer_and_bare_seconds(
+    source: nn.Module, train: Split, config: TrainConfig, *, repeats: int, seed: int
+) -> dict[str, float]:
+    """Median seconds of one trainer epoch and one :func:`bare_loop` epoch over ``train`` (``finetune`` of
+    ``source``; the trainer with an empty validation split), interleaved after one warm-up each; the bare
+    loop converts raw rows with ``train.spec`` as the trainer does (see :func:`trainer_over_bare_loop`)."""
+    empty = Split(train.images[:0], train.y[:0], train.spec)
+    trainer = _TimedFit(BASELINE, source, SimpleNamespace(train=train, val=empty, test=empty), config, seed)
+    channels_last = uses_channels_last(trainer.initial, config)
+
+    def bare_epoch() -> float:
+        model = copy.deepcopy(trainer.initial)
+        t0 = time.perf_counter()
+        bare_loop(
+            model,
+            train.images,
+            train.y,
+            batch=config.batch_size,
+            lr=config.lr,
+            momentum=config.momentum,
+            channels_last=channels_last,
+            spec=train.spec,
+        )
+        return time.perf_counter() - t0
+
+    return _interleaved_medians({"trainer": trainer, "bare": bare_epoch}, repeats, warmup=1)
+
+
+def _throughputs(seconds: dict[str, float], n: int, first: str, second: str) -> dict[str, float]:
+    """``ratio`` = images/s of ``first`` / images/s of ``second`` (= seconds of second / of first), plus
+    each one's epoch in ms and images per second."""
+    out = {"ratio": seconds[second] / seconds[first]}  # (n / t_first) / (n / t_second)
+    for name in (first, second):
+        out[f"{name}_epoch_ms"] = 1000 * seconds[name]
+        out[f"{name}_images_per_s"] = n / seconds[name]
+    return out
 
 
 def trainer_over_bare_loop(*, batch: int = 128, repeats: int = 20, seed: int = 0) -> dict[str, Any]:
@@ -334,39 +465,232 @@ def trainer_over_bare_loop(*, batch: int = 128, repeats: int = 20, seed: int = 0
     """
     n = _examples(batch)
     source = build_model("lenet", NUM_CLASSES, seed=seed)
-    method = make_method(BASELINE)
-    initial = method.build(source, NUM_CLASSES, arch="lenet", in_shape=source.in_shape, seed=seed)
     x, y = synthetic_dataset(n, source.in_shape, NUM_CLASSES, seed)
     config = TrainConfig(epochs=1, batch_size=batch, patience=None)
-    empty = Split(x[:0], y[:0])
-    task = SimpleNamespace(train=Split(x, y), val=empty, test=empty)
-    channels_last = uses_channels_last(initial, config)
+    seconds = _trainer_and_bare_seconds(source, Split(x, y), config, repeats=repeats, seed=seed)
+    times = _throughputs(seconds, n, "trainer", "bare")
+    return {"ratio": times.pop("ratio"), "arch": "lenet", "examples": n, "batch": batch, **times}
 
-    def trainer_epoch() -> float:
-        model = copy.deepcopy(initial)
-        t0 = time.perf_counter()
-        fit(model, method, task, config, seed=seed)
-        return time.perf_counter() - t0
 
-    def bare_epoch() -> float:
-        model = copy.deepcopy(initial)
-        t0 = time.perf_counter()
-        bare_loop(
-            model, x, y, batch=batch, lr=config.lr, momentum=config.momentum, channels_last=channels_last
-        )
-        return time.perf_counter() - t0
+# ---- EfficientNet-Lite0 at 64 px: the ImageNet-scale rows --------------------------------------------
 
-    seconds = _interleaved_medians({"trainer": trainer_epoch, "bare": bare_epoch}, repeats, warmup=1)
+
+def _imagenet_source(seed: int) -> nn.Module:
+    """EfficientNet-Lite0 shaped as the ImageNet source (1000 classes, native 3x224x224 input) with
+    random weights: the time of a step does not depend on the weights' values, and no wheel is needed."""
+    return build_model(IMAGENET_ARCH, 1000, in_shape=(3, 224, 224), seed=seed)
+
+
+def imagenet_input_spec(source: nn.Module) -> InputSpec:
+    """The source's input (channels, normalisation) at ``IMAGENET_SIZE`` pixels, as a run with
+    ``image_size`` gives it."""
+    mean, std = source.input_stats()
+    return InputSpec.of(tuple(source.in_shape), mean, std).resized(IMAGENET_SIZE)
+
+
+def _imagenet_config(epochs: int) -> TrainConfig:
+    """The trainer's defaults (SGD, cosine, prefix cache on) on the CPU, the bare loop's device, with
+    ``IMAGENET_BATCH`` and no early stopping, so every fit runs all its epochs."""
+    return TrainConfig(epochs=epochs, batch_size=IMAGENET_BATCH, patience=None, device="cpu")
+
+
+def imagenet_trainer_over_bare_loop(*, repeats: int, seed: int = 0) -> dict[str, Any]:
+    """:func:`trainer_over_bare_loop` on EfficientNet-Lite0 from raw images: one epoch over
+    ``IMAGENET_LOOP_EXAMPLES`` (rounded up to whole batches of ``IMAGENET_BATCH``) uint8 images of
+    ``IMAGENET_RAW_SHAPE``, converted batch by batch to the 3 x ``IMAGENET_SIZE`` x ``IMAGENET_SIZE``
+    input (grey to RGB, bilinear resize, the source's normalisation) on both sides: by the trainer's
+    batches (``Split.convert``) and in :func:`bare_loop` by the same
+    :func:`~paramtransfer.data.pipeline.to_input` call. Counted as there, plus the conversion.
+
+    Returns:
+        ``{"ratio", "arch", "examples", "batch", "raw_shape", "input_shape", "trainer_epoch_ms",
+        "bare_epoch_ms", "trainer_images_per_s", "bare_images_per_s"}``.
+    """
+    source = _imagenet_source(seed)
+    spec = imagenet_input_spec(source)
+    n = _whole_batches(IMAGENET_LOOP_EXAMPLES, IMAGENET_BATCH)
+    x, y = synthetic_raw_images(n, IMAGENET_RAW_SHAPE, NUM_CLASSES, seed)
+    seconds = _trainer_and_bare_seconds(
+        source, Split(x, y, spec), _imagenet_config(1), repeats=repeats, seed=seed
+    )
+    times = _throughputs(seconds, n, "trainer", "bare")
     return {
-        "ratio": seconds["bare"] / seconds["trainer"],  # (n / t_trainer) / (n / t_bare)
-        "arch": "lenet",
+        "ratio": times.pop("ratio"),
+        "arch": IMAGENET_ARCH,
         "examples": n,
-        "batch": batch,
-        "trainer_epoch_ms": 1000 * seconds["trainer"],
-        "bare_epoch_ms": 1000 * seconds["bare"],
-        "trainer_images_per_s": n / seconds["trainer"],
-        "bare_images_per_s": n / seconds["bare"],
+        "batch": IMAGENET_BATCH,
+        "raw_shape": list(IMAGENET_RAW_SHAPE),
+        "input_shape": list(spec.in_shape),
+        **times,
     }
+
+
+def sweep_specs(source: nn.Module) -> list[str]:
+    """The specs that ``finetune[freeze=all]`` expands to on ``source`` (as compare runs the sweep):
+    ``finetune[freeze=l]`` for l = 1 .. blocks - 1."""
+    levels = METHODS.get(BASELINE).expand({"freeze": "all"}, source)
+    return [f"{BASELINE}[freeze={options['freeze']}]" for options in levels]
+
+
+def imagenet_fit_ratios(*, repeats: int, seed: int = 0) -> dict[str, Any]:
+    """Wall time of a whole ``fit`` of FT-0 (``finetune``), of every FT-l of the ``finetune[freeze=all]``
+    sweep and of ``linear_probe`` on EfficientNet-Lite0, each over FT-0's.
+
+    Every fit trains ``IMAGENET_EPOCHS`` epochs (no early stopping) over ``IMAGENET_TRAIN`` raw images of
+    ``IMAGENET_RAW_SHAPE`` (converted at batch time to the 64 px input) and evaluates ``IMAGENET_VAL``
+    validation images after every epoch, with the trainer's defaults, the frozen-prefix cache included
+    (``TrainConfig.prefix_cache_mb``): FT-l computes its first ``l`` blocks' outputs once, the linear
+    probe all 9 blocks'. A fit's time is the whole ``fit()`` call (cache, set-up, epochs, evaluations,
+    best-weight copies); the model it starts from is built and copied outside the clock. All fits take
+    turns (interleaved, shuffled order) for ``repeats`` rounds; no warm-up round, as one round is long
+    and the same network has just been warmed up by the trainer-vs-bare-loop epochs (the median leaves
+    a slow first round out).
+
+    Returns:
+        ``fit_s`` ``{spec: median seconds}`` (``finetune`` first, then the sweep, then ``linear_probe``);
+        ``fit_over_ft0`` ``{spec: fit_s / FT-0's}`` (``finetune`` left out: 1); ``cached_prefix``
+        ``{spec: blocks whose outputs the fit cached}``; ``ftl_sweep_over_ft0`` (the sweep's seconds
+        summed, over FT-0's); ``linear_probe_over_ft0``; ``fit_settings`` (``train``, ``val``,
+        ``epochs``, ``batch``).
+    """
+    source = _imagenet_source(seed)
+    spec = imagenet_input_spec(source)
+    x, y = synthetic_raw_images(IMAGENET_TRAIN + IMAGENET_VAL, IMAGENET_RAW_SHAPE, NUM_CLASSES, seed)
+    train = Split(x[:IMAGENET_TRAIN], y[:IMAGENET_TRAIN], spec)
+    val = Split(x[IMAGENET_TRAIN:], y[IMAGENET_TRAIN:], spec)
+    task = SimpleNamespace(train=train, val=val, test=Split(x[:0], y[:0], spec))
+    sweep = sweep_specs(source)
+    config = _imagenet_config(IMAGENET_EPOCHS)
+    fits = {s: _TimedFit(s, source, task, config, seed) for s in [BASELINE, *sweep, "linear_probe"]}
+    seconds = _interleaved_medians(dict(fits), repeats, warmup=0)
+    ft0 = seconds[BASELINE]
+    return {
+        "fit_s": seconds,
+        "fit_over_ft0": {s: t / ft0 for s, t in seconds.items() if s != BASELINE},
+        "cached_prefix": {s: f.cached_prefix for s, f in fits.items()},
+        "ftl_sweep_over_ft0": sum(seconds[s] for s in sweep) / ft0,
+        "linear_probe_over_ft0": seconds["linear_probe"] / ft0,
+        "fit_settings": {
+            "train": IMAGENET_TRAIN,
+            "val": IMAGENET_VAL,
+            "epochs": IMAGENET_EPOCHS,
+            "batch": IMAGENET_BATCH,
+        },
+    }
+
+
+def write_jpeg_folder(root: Path, files: int, side: int, num_classes: int, seed: int = 0) -> None:
+    """``files`` RGB JPEGs of ``side`` x ``side`` pixels (quality 90) in ``root/class_<c>/`` (an
+    ImageFolder layout); their pixels are :func:`synthetic_raw_images`."""
+    from PIL import Image
+
+    x, y = synthetic_raw_images(files, (3, side, side), num_classes, seed)
+    for i, (pixels, label) in enumerate(zip(x, y.tolist(), strict=True)):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def _without_val(task: Task) -> Task:
+    """``task`` with an empty, in-memory validation split (a fit then evaluates nothing per epoch)."""
+    train = task.train
+    return dataclasses.replace(task, val=Split(train.raw(slice(0, 0)), train.y[:0], train.spec))
+
+
+def streamed_over_memory(*, repeats: int, seed: int = 0) -> dict[str, Any]:
+    """Training throughput of ``fit`` on a folder streamed from disk over the same folder held in memory.
+
+    ``FOLDER_FILES`` RGB JPEGs of ``FOLDER_IMAGE_SIZE`` px (:func:`write_jpeg_folder`, a temporary
+    folder) are loaded twice with :func:`~paramtransfer.data.task.load_task` and the same input (the
+    EfficientNet-Lite0 source's at ``IMAGENET_SIZE`` px): with the default ``memory_mb`` they are
+    decoded into memory at load time; with ``STREAMED_MEMORY_MB`` they exceed the budget and every
+    epoch decodes them from disk in DataLoader workers
+    (:meth:`~paramtransfer.data.files.ImageFiles.stream`, ``default_workers()`` processes). Loading
+    is not timed. Then ``finetune`` trains one epoch on each task's training split (the same images and
+    batches) with an empty validation split; a fit's time is the whole ``fit()`` call (for the streamed
+    folder that includes starting its workers). One warm-up fit each, then ``repeats`` interleaved rounds.
+
+    Returns:
+        ``{"ratio"`` (streamed images/s over in-memory images/s), ``"files"``, ``"file_shape"``,
+        ``"train"``, ``"batch"``, ``"streamed_memory_mb"``, ``"workers"``, ``"streamed_epoch_ms"``,
+        ``"memory_epoch_ms"``, ``"streamed_images_per_s"``, ``"memory_images_per_s"}``.
+    """
+    source = _imagenet_source(seed)
+    spec = imagenet_input_spec(source)
+    with tempfile.TemporaryDirectory(prefix="paramtransfer-speed-") as tmp:
+        write_jpeg_folder(Path(tmp), FOLDER_FILES, FOLDER_IMAGE_SIZE, NUM_CLASSES, seed)
+        tasks = {
+            "streamed": load_task(f"folder:{tmp}", seed=seed, input_spec=spec, memory_mb=STREAMED_MEMORY_MB),
+            "memory": load_task(f"folder:{tmp}", seed=seed, input_spec=spec),
+        }
+        if not tasks["streamed"].train.streamed or tasks["memory"].train.streamed:
+            raise RuntimeError(
+                f"expected a streamed and an in-memory folder of {FOLDER_FILES} files; "
+                f"raise FOLDER_FILES or lower STREAMED_MEMORY_MB ({STREAMED_MEMORY_MB})"
+            )
+        config = _imagenet_config(1)
+        fits = {k: _TimedFit(BASELINE, source, _without_val(t), config, seed) for k, t in tasks.items()}
+        seconds = _interleaved_medians(dict(fits), repeats, warmup=1)
+    n = len(tasks["memory"].train)
+    times = _throughputs(seconds, n, "streamed", "memory")
+    return {
+        "ratio": times.pop("ratio"),
+        "files": FOLDER_FILES,
+        "file_shape": [3, FOLDER_IMAGE_SIZE, FOLDER_IMAGE_SIZE],
+        "train": n,
+        "batch": IMAGENET_BATCH,
+        "streamed_memory_mb": STREAMED_MEMORY_MB,
+        "workers": default_workers(),
+        **times,
+    }
+
+
+def imagenet_section(
+    *, repeats: int, seed: int = 0, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """The EfficientNet-Lite0 rows of the speed suite (``result["imagenet"]``), each a median over
+    ``min(repeats, IMAGENET_REPEATS)`` interleaved rounds (a round is whole epochs or fits, not steps):
+
+    * ``trainer_over_bare_loop`` (details under ``trainer_over_bare_loop_detail``), see
+      :func:`imagenet_trainer_over_bare_loop`;
+    * ``fit_s``, ``fit_over_ft0``, ``cached_prefix``, ``ftl_sweep_over_ft0``,
+      ``linear_probe_over_ft0``, ``fit_settings``, see :func:`imagenet_fit_ratios`;
+    * ``streamed_over_memory`` (details under ``streamed_detail``), see :func:`streamed_over_memory`;
+
+    plus ``arch``, ``raw_shape``, ``input_shape``, ``batch``, ``repeats`` (the rounds taken) and
+    ``wall_time_s`` (the whole section)."""
+    t_start = time.perf_counter()
+    rounds = min(repeats, IMAGENET_REPEATS)
+    size = f"{'x'.join(map(str, IMAGENET_RAW_SHAPE))} uint8 -> 3x{IMAGENET_SIZE}x{IMAGENET_SIZE}"
+    out: dict[str, Any] = {
+        "arch": IMAGENET_ARCH,
+        "raw_shape": list(IMAGENET_RAW_SHAPE),
+        "input_shape": [3, IMAGENET_SIZE, IMAGENET_SIZE],
+        "batch": IMAGENET_BATCH,
+        "repeats": rounds,
+    }
+    n = _whole_batches(IMAGENET_LOOP_EXAMPLES, IMAGENET_BATCH)
+    if log is not None:
+        log(f"{IMAGENET_ARCH}: trainer vs bare loop ({n} images {size}, {rounds} epochs each, interleaved)")
+    detail = imagenet_trainer_over_bare_loop(repeats=rounds, seed=seed)
+    out["trainer_over_bare_loop"] = detail.pop("ratio")
+    out["trainer_over_bare_loop_detail"] = detail
+    if log is not None:
+        log(
+            f"{IMAGENET_ARCH}: whole fits of finetune, finetune[freeze=1..], linear_probe ({IMAGENET_EPOCHS} "
+            f"epochs, {IMAGENET_TRAIN} + {IMAGENET_VAL} images, {rounds} rounds, interleaved)"
+        )
+    out.update(imagenet_fit_ratios(repeats=rounds, seed=seed))
+    if log is not None:
+        log(
+            f"{IMAGENET_ARCH}: streamed folder vs in memory ({FOLDER_FILES} JPEGs of {FOLDER_IMAGE_SIZE} px, "
+            f"one epoch, {rounds} rounds, interleaved)"
+        )
+    detail = streamed_over_memory(repeats=rounds, seed=seed)
+    out["streamed_over_memory"] = detail.pop("ratio")
+    out["streamed_detail"] = detail
+    out["wall_time_s"] = time.perf_counter() - t_start
+    return out
 
 
 # ---- peak memory, one fresh process per method -------------------------------------------------------

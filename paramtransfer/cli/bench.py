@@ -27,8 +27,8 @@ Layout:
 Finished runs are reused: an interrupted bench continues where it stopped, and a finished setting only
 rebuilds its table and plots. Times on 2 CPU cores (the suites' READMEs): ptu about 1.7 h, dtnh about
 1.3 h, spottune about 2.5 h (ResNet-20 and a ResNet-38 source), lps about 1 h (450 models; an lps
-setting's models are the runs Ray spreads); speed about 8 min. --executor ray spreads each setting's
-runs over a cluster.
+setting's models are the runs Ray spreads); speed about 13 min (8 with --no-imagenet, which skips its
+EfficientNet-Lite0 rows). --executor ray spreads each setting's runs over a cluster.
 
 `paramtransfer report OUT` (or `paramtransfer report benchmarks`) rebuilds report.md from the results
 alone, without running anything.
@@ -59,6 +59,12 @@ def add_parser(sub: Any) -> None:
         "--list", action="store_true", help="list the suites and settings (recorded? in OUT?) and exit"
     )
     _executor_args(p, "runs")
+    p.add_argument(
+        "--no-imagenet",
+        action="store_true",
+        help="bench speed only: skip its EfficientNet-Lite0 rows (64 px: the trainer's overhead, FT-l with "
+        "the cached prefix and the linear probe next to FT-0, a streamed folder; about 5 minutes)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -72,6 +78,8 @@ def command(args: argparse.Namespace) -> None:
         raise UserError(
             "name a benchmark: a suite (e.g. ptu), SUITE/SETTING, all or speed; --list shows them"
         )
+    if args.no_imagenet and args.name != SPEED:
+        raise UserError("--no-imagenet belongs to `paramtransfer bench speed`; drop it for other benchmarks")
     _check_out(args.out)
     executor = None if args.name == SPEED else _open_executor(args)
     report = run_bench(
@@ -81,6 +89,7 @@ def command(args: argparse.Namespace) -> None:
         record=args.record,
         executor=executor,
         progress=not args.quiet,
+        imagenet=not args.no_imagenet,
     )
     print(report.summary)
     print(f"wrote {report.path}")
