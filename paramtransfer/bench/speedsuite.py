@@ -466,7 +466,7 @@ def trainer_over_bare_loop(*, batch: int = 128, repeats: int = 20, seed: int = 0
     n = _examples(batch)
     source = build_model("lenet", NUM_CLASSES, seed=seed)
     x, y = synthetic_dataset(n, source.in_shape, NUM_CLASSES, seed)
-    config = TrainConfig(epochs=1, batch_size=batch, patience=None)
+    config = TrainConfig(epochs=1, batch_size=batch, patience=None, device="cpu")  # as the bare loop
     seconds = _trainer_and_bare_seconds(source, Split(x, y), config, repeats=repeats, seed=seed)
     times = _throughputs(seconds, n, "trainer", "bare")
     return {"ratio": times.pop("ratio"), "arch": "lenet", "examples": n, "batch": batch, **times}
