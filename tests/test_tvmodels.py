@@ -77,6 +77,26 @@ def test_logits_equal_torchvision(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_initialisation_and_training_mode_equal_torchvision(arch):
+    """With the same seeds: torchvision's initial weights, and one training-mode forward (dropout,
+    stochastic depth, batch statistics) with the same logits and the same BatchNorm running means."""
+    want = REFERENCE[arch]
+    size = want["native_size"]
+    init = ref.weight_sums(build_model(arch, 1000, in_shape=(3, size, size), seed=0).state_dict())
+    assert init["sum"] == pytest.approx(want["init"]["sum"], rel=1e-6, abs=1e-3)
+    assert init["abssum"] == pytest.approx(want["init"]["abssum"], rel=1e-6)
+    net = loaded(arch).train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = ref.summarize(net(ref.inputs()["x64"].double()))
+    scale = want["train"]["logits"]["absmax"]
+    first = torch.tensor(got["first"]) - torch.tensor(want["train"]["logits"]["first"])
+    assert first.abs().max().item() <= RTOL * scale, (arch, first.abs().max().item(), scale)
+    running = sum(v.sum().item() for k, v in net.state_dict().items() if "running_mean" in k)
+    assert running == pytest.approx(want["train"]["running_mean"], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_structure_equals_torchvision(arch):
     want = REFERENCE[arch]
     net = build_model(arch, 1000, in_shape=(3, want["native_size"], want["native_size"]))

@@ -8,6 +8,9 @@ reproduce, for every architecture the zoo has:
 * the parameter count (1000 classes), the number of residual blocks with an identity shortcut, the
   crop size of the DEFAULT ImageNet weights, every BatchNorm's (eps, momentum), the dropout and
   stochastic-depth probabilities in module order;
+* the initialisation: sums of torchvision's initial weights after ``torch.manual_seed(0)``;
+* one training-mode forward (dropout, stochastic depth, BatchNorm batch statistics) after
+  ``torch.manual_seed(1)``: its logits and the BatchNorm running means it leaves;
 * eval-mode logits for two fixed inputs (``x64``: 2x3x64x64, ``x57``: 1x3x57x57, odd for the padding and
   pooling arithmetic), with weights that do not depend on torchvision's initialisation or on the random
   number generator: every tensor of the state_dict is :func:`fill`-ed from its name and shape, so the
@@ -105,6 +108,12 @@ def summarize(logits: torch.Tensor) -> dict[str, object]:
     }
 
 
+def weight_sums(state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sums over every floating tensor of a state_dict (float64): of the values, of their magnitudes."""
+    floats = [v.double() for v in state.values() if v.is_floating_point()]
+    return {"sum": sum(v.sum().item() for v in floats), "abssum": sum(v.abs().sum().item() for v in floats)}
+
+
 def encode_keys(state: dict[str, torch.Tensor]) -> str:
     text = "\n".join(f"{k}:{','.join(str(d) for d in v.shape)}" for k, v in state.items())
     return base64.b64encode(zlib.compress(text.encode(), 9)).decode()
@@ -132,8 +141,16 @@ def describe(arch: str) -> dict[str, object]:
     torch.manual_seed(0)
     model = get_model(arch, weights=None, num_classes=NUM_CLASSES).eval()
     state = model.state_dict()
+    init = weight_sums(state)
     model.load_state_dict({k: fill(k, tuple(v.shape)) for k, v in state.items()})
     model.double()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        train = {"logits": summarize(model.train()(inputs()["x64"].double()))}
+        train["running_mean"] = sum(
+            v.sum().item() for k, v in model.state_dict().items() if "running_mean" in k
+        )
+        model.eval().load_state_dict({k: fill(k, tuple(v.shape)) for k, v in state.items()})
     residual = 0
     for m in model.modules():
         if isinstance(m, BasicBlock | Bottleneck):
@@ -157,6 +174,8 @@ def describe(arch: str) -> dict[str, object]:
         "dropout": [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)],
         "stochastic_depth": [m.p for m in model.modules() if isinstance(m, StochasticDepth)],
         "logits": logits,
+        "init": init,
+        "train": train,
         "torchvision": torchvision.__version__,
     }
 
