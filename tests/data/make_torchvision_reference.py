@@ -11,7 +11,7 @@ reproduce, for every architecture the zoo has:
 * the initialisation: sums of torchvision's initial weights after ``torch.manual_seed(0)``;
 * one training-mode forward (dropout, stochastic depth, BatchNorm batch statistics) after
   ``torch.manual_seed(1)``: its logits and the BatchNorm running means it leaves;
-* eval-mode logits for two fixed inputs (``x64``: 2x3x64x64, ``x57``: 1x3x57x57, odd for the padding and
+* eval-mode logits for two fixed inputs (``x40``: 2x3x40x40, ``x33``: 1x3x33x33, odd for the padding and
   pooling arithmetic), with weights that do not depend on torchvision's initialisation or on the random
   number generator: every tensor of the state_dict is :func:`fill`-ed from its name and shape, so the
   test fills our net's (converted) state_dict the same way without torchvision.
@@ -93,7 +93,7 @@ def inputs() -> dict[str, torch.Tensor]:
         t = torch.arange(math.prod(shape), dtype=torch.float64)
         return (torch.sin(t * speed) + 0.5 * torch.cos(t * 0.013)).reshape(shape).to(torch.float32)
 
-    return {"x64": wave((2, 3, 64, 64), 0.61), "x57": wave((1, 3, 57, 57), 0.29)}
+    return {"x40": wave((2, 3, 40, 40), 0.61), "x33": wave((1, 3, 33, 33), 0.29)}
 
 
 def summarize(logits: torch.Tensor) -> dict[str, object]:
@@ -146,7 +146,7 @@ def describe(arch: str) -> dict[str, object]:
     model.double()
     with torch.no_grad():
         torch.manual_seed(1)
-        train = {"logits": summarize(model.train()(inputs()["x64"].double()))}
+        train = {"logits": summarize(model.train()(inputs()["x40"].double()))}
         train["running_mean"] = sum(
             v.sum().item() for k, v in model.state_dict().items() if "running_mean" in k
         )
