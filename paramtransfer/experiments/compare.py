@@ -34,7 +34,7 @@ from paramtransfer.methods.base import (
     split_method_list,
 )
 from paramtransfer.models.layered import LayeredNet
-from paramtransfer.models.store import is_model_path, is_source_name
+from paramtransfer.models.store import is_model_path, is_source_name, is_torchvision_source
 from paramtransfer.results import (
     ARCH_PREFIX,
     RESULT,
@@ -82,6 +82,7 @@ class CompareConfig:
     lrs: list[float] = field(default_factory=lambda: [0.1, 0.01, 0.001])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: int = 30
+    source_weights: str | None = None  # the state_dict file of a source torchvision:ARCH
     source_epochs: int = 3
     source_limit: int | None = None
     source_seed: int = 0
@@ -108,6 +109,11 @@ class CompareConfig:
         _no_twice("seed", "--seeds 0,1,2", self.seeds)
         if not isinstance(self.data, dict):
             raise UserError(f"data must map val_shots/test_limit/memory_mb to numbers (got {self.data!r})")
+        if self.source_weights is not None and not is_torchvision_source(self.source):
+            raise UserError(
+                f"--source-weights goes with --source torchvision:ARCH, not with --source {self.source}; "
+                "drop --source-weights or give --source torchvision:ARCH"
+            )
         check_data_options(self.data)
 
 
@@ -338,6 +344,7 @@ def compare(
             limit=config.source_limit,
             arch_kwargs=arch_kwargs,
             progress=progress,
+            weights=config.source_weights,
         )
 
     # before any source is pretrained: a method that cannot run on the architecture fails at once

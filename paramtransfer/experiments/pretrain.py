@@ -3,8 +3,8 @@
 :mod:`paramtransfer.models.store` saves, loads and keys sources and never trains; this module trains a
 source the store does not hold yet (``scratch`` on the source task, with :func:`train_model`) and
 hands it to the store. :func:`resolve_source` turns a ``--source`` (a LayeredNet, a saved model path,
-a source name such as ``imagenet`` or a task spec) into a source model, pretraining it when it is a task
-spec.
+a source name such as ``imagenet`` or ``torchvision:resnet18`` with its weights file, or a task spec) into
+a source model, pretraining it when it is a task spec.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from paramtransfer.data.specs import parse_spec
 from paramtransfer.errors import UserError
 from paramtransfer.experiments.run import train_model
-from paramtransfer.models.imagenet import pretrained
+from paramtransfer.models.imagenet import named_source
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import (
     META,
@@ -48,6 +48,7 @@ def pretrain(
     cache: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = False,
+    weights: str | os.PathLike | None = None,
 ) -> LayeredNet:
     """Train ``arch`` on the task ``spec`` once and cache it; later calls load the cached weights.
 
@@ -58,6 +59,9 @@ def pretrain(
         limit: cap on source training examples.
         cache: the cache root (default :func:`home`).
         force: retrain even if cached.
+        weights: with the source name ``torchvision:ARCH``, the torchvision state_dict file it stores
+            (a source name is stored, never trained: see
+            :func:`paramtransfer.models.imagenet.named_source`).
 
     Returns:
         The source LayeredNet; ``model.source_info`` holds its metadata (accuracies, settings, path).
@@ -69,8 +73,9 @@ def pretrain(
     Processes that need the same source take turns under the lock ``<cache>/locks/<key>.lock``: the first
     trains and caches it, the others wait and load it.
     """
-    if is_source_name(spec):  # shipped weights: nothing to train (``pretrained`` stores them once)
-        return pretrained(arch, cache=cache)
+    if is_source_name(spec):  # fixed weights: nothing to train (``named_source`` stores them once)
+        return named_source(spec, arch, weights=weights, cache=cache)
+    _no_weights(spec, weights)
     if is_model_path(spec):
         raise UserError(
             f"pretrain trains on a task spec, and {spec} is a path; give a task spec such as fashion[0-4] "
@@ -114,6 +119,16 @@ def pretrain(
         return load_model(directory, cure=cure)
 
 
+def _no_weights(source: Any, weights: str | os.PathLike | None) -> None:
+    """Refuse a weights file for a source that is not ``torchvision:ARCH`` (it would be ignored)."""
+    if weights is not None:
+        shown = f"<{source.arch} model>" if isinstance(source, LayeredNet) else source
+        raise UserError(
+            f"--source-weights goes with --source torchvision:ARCH, not with --source {shown}; drop "
+            "--source-weights or give --source torchvision:ARCH"
+        )
+
+
 def resolve_source(
     source: str | os.PathLike | LayeredNet | None,
     arch: str | None,
@@ -123,19 +138,25 @@ def resolve_source(
     limit: int | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     progress: bool = False,
+    weights: str | os.PathLike | None = None,
 ) -> LayeredNet | None:
     """A source from a LayeredNet, a saved model path, or a task spec (pretrained and cached; ``arch_kwargs``
     are the architecture's options, e.g. ``{"depth": 32}``).
 
     Which one a string is follows :func:`is_model_path`: ``./fashion`` is a saved model, ``fashion`` the
     dataset, even if a folder of that name exists. ``imagenet`` is EfficientNet-Lite0's ImageNet weights
-    (``--arch efficientnet_lite0`` or no ``--arch``), see :func:`paramtransfer.models.imagenet.pretrained`."""
+    (``--arch efficientnet_lite0`` or no ``--arch``), see :func:`paramtransfer.models.imagenet.pretrained`;
+    ``torchvision:ARCH`` is torchvision's ``ARCH`` with the state_dict file ``weights``
+    (``--source-weights``), see :func:`paramtransfer.models.tvsource.torchvision_source`. ``weights`` with
+    any other source is a :class:`UserError`."""
     if source is None or isinstance(source, torch.nn.Module):
+        _no_weights(source, weights)
         return source
     if isinstance(source, str) and is_source_name(source):
         if arch_kwargs:
             raise UserError(f"the source {source} has fixed weights; drop the arch. options")
-        return pretrained(arch or "efficientnet_lite0")
+        return named_source(source, arch, weights=weights)
+    _no_weights(source, weights)
     if isinstance(source, os.PathLike) or is_model_path(source):
         model = load_model(source)
         if arch is not None and arch != model.arch:

@@ -246,9 +246,11 @@ class LayeredNet(nn.Module):
         return outside, containers
 
     def reset_head(self, num_classes: int) -> None:
-        """Replace the task layer by a freshly initialised ``Linear(in_features, num_classes)``."""
+        """Replace the task layer by a freshly initialised ``Linear(in_features, num_classes)``; the
+        source's :attr:`class_names` go with the old one (the new classes are the target's)."""
         old = self.head_layer()
         self._set_head(nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+        self.class_names = None
 
     def _set_head(self, head: nn.Linear) -> None:
         self.head = head

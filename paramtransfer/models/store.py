@@ -8,8 +8,9 @@ same source train it once: the second waits, then loads it.
 
 A ``--source`` string is a task spec or a path (:func:`is_model_path`): a task spec (``fashion``,
 ``fashion[0-4]``, ``digits[...]``, ``folder:PATH``, ``npz:PATH``) always means the task; a source name
-(:data:`SOURCE_NAMES`: ``imagenet``, weights that ship with a package, see
-:mod:`paramtransfer.models.imagenet`) means those weights; a saved model
+(:func:`is_source_name`: ``imagenet``, weights that ship with a package, see
+:mod:`paramtransfer.models.imagenet`; ``torchvision:ARCH``, a torchvision state_dict file given apart,
+see :mod:`paramtransfer.models.tvsource`) means those weights; a saved model
 directory is written as a path: containing a ``/``, or starting with ``.`` or ``~`` (``./fashion``), or
 ending in ``.safetensors``. So a folder named ``fashion`` in the working directory never takes over
 ``--source fashion``.
@@ -33,6 +34,7 @@ from safetensors.torch import save as save_safetensors
 
 from paramtransfer.errors import UserError
 from paramtransfer.models.layered import LayeredNet
+from paramtransfer.models.tvmodels import TORCHVISION_ARCHS
 from paramtransfer.models.zoo import arch_problem, build_model
 from paramtransfer.train.checkpoint import (
     atomic_write_bytes,
@@ -47,11 +49,19 @@ _REQUIRED = ("arch", "num_classes", "in_shape", "arch_kwargs")
 
 # --source names that are neither a task spec nor a path: weights that ship with an installed package
 SOURCE_NAMES = ("imagenet",)
+# --source torchvision:ARCH: a torchvision architecture, its weights from a file (--source-weights PATH)
+TORCHVISION_PREFIX = "torchvision:"
 
 
 def is_source_name(source: str) -> bool:
-    """Whether a ``--source`` string names shipped weights (``imagenet``) rather than a task or a path."""
-    return isinstance(source, str) and source.strip() in SOURCE_NAMES
+    """Whether a ``--source`` string names fixed weights (``imagenet``, ``torchvision:ARCH``) rather than
+    a task or a path."""
+    return isinstance(source, str) and (source.strip() in SOURCE_NAMES or is_torchvision_source(source))
+
+
+def is_torchvision_source(source: Any) -> bool:
+    """Whether a ``--source`` is ``torchvision:ARCH`` (whatever ARCH is)."""
+    return isinstance(source, str) and source.strip().startswith(TORCHVISION_PREFIX)
 
 
 def home() -> Path:
@@ -62,12 +72,12 @@ def is_model_path(source: str) -> bool:
     """Whether a ``--source`` string names a saved model (a path) rather than a task spec.
 
     Task specs (``fashion``, ``digits[0-4]``, ``folder:PATH``, ``npz:PATH``) always mean the task, a source
-    name (``imagenet``) the weights it names. A path
+    name (``imagenet``, ``torchvision:ARCH``) the weights it names. A path
     contains a ``/`` (or the OS separator), or starts with ``.`` or ``~``, or ends in ``.safetensors``:
     ``./fashion`` is the saved model in the folder ``fashion``, ``fashion`` the dataset.
     """
     s = source.strip()
-    if s.startswith(("folder:", "npz:")) or s in SOURCE_NAMES:
+    if s.startswith(("folder:", "npz:")) or is_source_name(s):
         return False
     separators = {"/", "\\", os.sep, *([os.altsep] if os.altsep else [])}
     return any(c in s for c in separators) or s.startswith((".", "~")) or s.endswith(".safetensors")
@@ -261,7 +271,11 @@ def _state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Te
 
 def saved_arch(path: str | os.PathLike) -> str | None:
     """The architecture recorded beside a saved model, or None if ``path`` is not a saved model (a task
-    spec, see :func:`is_model_path`, or no readable ``meta.json``)."""
+    spec, see :func:`is_model_path`, or no readable ``meta.json``). The source ``torchvision:ARCH`` brings
+    its architecture too: ``ARCH`` when the zoo has it."""
+    if is_torchvision_source(path):
+        arch = str(path).strip()[len(TORCHVISION_PREFIX) :]
+        return arch if arch in TORCHVISION_ARCHS else None
     if isinstance(path, str) and not is_model_path(path):
         return None
     try:

@@ -1,4 +1,6 @@
-"""The model zoo: lenet, resnet20, mobilenet, rnn and efficientnet_lite0 as LayeredNets, registered by name.
+"""The model zoo: lenet, resnet20, mobilenet, rnn, efficientnet_lite0 and torchvision's ImageNet
+architectures (resnet18/34/50/101, mobilenet_v2, mobilenet_v3_small/large, efficientnet_b0..b3, see
+:mod:`paramtransfer.models.tvmodels`) as LayeredNets, registered by name.
 
 :func:`build_model` checks the options before it builds (a saved ``meta.json`` or a ``--set arch.NAME=V``
 can ask for anything): only an architecture's own options, integers that are positive, an input shape of
@@ -21,6 +23,7 @@ from torch import nn
 from paramtransfer.errors import UserError
 from paramtransfer.models.efficientnet import efficientnet_lite0
 from paramtransfer.models.layered import LayeredNet
+from paramtransfer.models.tvmodels import TORCHVISION_ARCHS
 from paramtransfer.registry import Registry
 
 MODELS: Registry[Callable[..., LayeredNet]] = Registry("arch")
@@ -230,6 +233,10 @@ def rnn(
 # EfficientNet-Lite0 (ImageNet weights: source ``imagenet``, see :mod:`paramtransfer.models.imagenet`)
 MODELS.register("efficientnet_lite0")(efficientnet_lite0)
 
+# torchvision's architectures (weights: the source ``torchvision:ARCH`` with a local state_dict file)
+for _arch, _factory in TORCHVISION_ARCHS.items():
+    MODELS.register(_arch)(_factory)
+
 
 def _is_positive_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
@@ -310,8 +317,8 @@ def build_model(
     """Build a zoo architecture as a LayeredNet.
 
     Args:
-        arch: ``lenet``, ``resnet20``, ``mobilenet``, ``rnn`` or ``efficientnet_lite0`` (see
-            :func:`list_models`).
+        arch: ``lenet``, ``resnet20``, ``mobilenet``, ``rnn``, ``efficientnet_lite0`` or one of
+            torchvision's (``resnet18``, ``mobilenet_v2``, ``efficientnet_b0``, ...; see :func:`list_models`).
         num_classes: size of the task layer.
         in_channels: input channels (shortcut for ``in_shape=(C, 28, 28)``).
         in_shape: full input shape ``(C, H, W)``; default ``(1, 28, 28)``.
