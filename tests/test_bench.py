@@ -377,3 +377,32 @@ def test_every_paper_mapping_names_a_recorded_variant(suite: str) -> None:
 
 def _listed(value: object) -> list:
     return value if isinstance(value, list) else [value]
+
+
+def test_compare_setting_records_the_source_scores_per_seed(tmp_path):
+    """``scores: [logme, leep]`` in a compare setting: the source's scores on each seed's training split,
+    in results.json and in the report section; an unknown score is refused before anything runs."""
+    import json
+
+    from paramtransfer.bench.compare import render_compare, run_compare_setting
+    from paramtransfer.errors import UserError
+
+    setting = {
+        "source": "digits[0-4]",
+        "source_epochs": 1,
+        "target": "digits[5-9]",
+        "shots": 3,
+        "methods": ["linear_probe"],
+        "lrs": [0.01],
+        "seeds": [0, 1],
+        "epochs": 1,
+        "scores": ["logme", "leep"],
+    }
+    summary = run_compare_setting(setting, tmp_path, None, False)
+    scores = json.loads((tmp_path / "results.json").read_text())["source_scores"]
+    assert scores == summary["source_scores"]
+    assert len(scores["logme"]["per_seed"]) == 2 and scores["leep"]["mean"] < 0  # LEEP is a log-likelihood
+    assert scores["logme"]["per_seed"][0] != scores["logme"]["per_seed"][1]  # each seed's own split
+    assert "logme" in render_compare(summary, None, tmp_path).markdown
+    with pytest.raises(UserError, match="scores must be a list"):
+        run_compare_setting({**setting, "scores": ["lps"]}, tmp_path / "bad", None, False)

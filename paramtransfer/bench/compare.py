@@ -164,7 +164,12 @@ def source_scores(cfg: CompareConfig, names: list[str]) -> dict[str, Any]:
     from paramtransfer.selection.rank import fast_scores
 
     src = resolve_source(
-        cfg.source, cfg.arch, epochs=cfg.source_epochs, seed=cfg.source_seed, limit=cfg.source_limit
+        cfg.source,
+        cfg.arch,
+        epochs=cfg.source_epochs,
+        seed=cfg.source_seed,
+        limit=cfg.source_limit,
+        weights=cfg.source_weights,
     )
     data = {k: v for k, v in cfg.data.items() if k in ("val_shots", "test_limit", "image_size", "memory_mb")}
     per_seed: dict[str, list[float]] = {n: [] for n in names}
