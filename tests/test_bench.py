@@ -406,3 +406,21 @@ def test_compare_setting_records_the_source_scores_per_seed(tmp_path):
     assert "logme" in render_compare(summary, None, tmp_path).markdown
     with pytest.raises(UserError, match="scores must be a list"):
         run_compare_setting({**setting, "scores": ["lps"]}, tmp_path / "bad", None, False)
+
+
+def test_report_lists_each_settings_margin_over_scratch(tmp_path):
+    from paramtransfer.bench.report import _margin_row, _margin_table
+
+    entry = {"status": "ok", "n_seeds": 3, "val_mean": 0.5}
+    results = {
+        "config": {"source": "imagenet", "target": "fashion", "arch": "efficientnet_lite0", "shots": 10},
+        "selected": {
+            "scratch": {**entry, "test_mean": 0.60, "test_std": 0.01},
+            "finetune": {**entry, "test_mean": 0.70, "test_std": 0.02, "val_mean": 0.6},
+            "finetune[freeze=2]": {**entry, "test_mean": 0.75, "test_std": 0.02, "val_mean": 0.4},
+        },
+    }
+    (row,) = _margin_row("imagenet/fashion_10shots", results)
+    assert "+10.00" in row and "fine-tune (FT-0)" in row  # the FT-l best on validation, not on test
+    assert _margin_row("x", {"selected": {"finetune": results["selected"]["finetune"]}}) == []
+    assert "best FT-l over scratch" in _margin_table([row]) and _margin_table([]) == ""
