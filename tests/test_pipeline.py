@@ -18,7 +18,7 @@ from paramtransfer.methods.base import make_method
 from paramtransfer.models.layered import freeze
 from paramtransfer.runtime import Runtime, resolve_device
 from paramtransfer.train.checkpoint import load_checkpoint
-from paramtransfer.train.trainer import TrainConfig, fit, prefix_cache
+from paramtransfer.train.trainer import TrainConfig, fit, keep_frozen_batchnorm, prefix_cache
 
 # --------------------------------------------------------------------------------------------- to_input
 
@@ -202,19 +202,32 @@ def test_augmented_run_resumes_bit_for_bit(tiny_source, tiny_task, tmp_path):
 # ----------------------------------------------------------------------------------- frozen-prefix cache
 
 
+def _first_epoch_close(a, b):
+    """The cached and the uncached run agree on their first epoch to float rounding. Later epochs are
+    not compared: with BatchNorm on batches of 8, rounding differences of 1e-7 (convolutions computed on
+    256 rows at once rather than 8) grow to 1e-4 within a few steps, in either direction."""
+    (ta, va), (tb, vb) = _losses(a)[0], _losses(b)[0]
+    assert math.isclose(ta, tb, rel_tol=1e-5) and math.isclose(va, vb, rel_tol=1e-5)
+    assert len(a.history) == len(b.history)
+
+
 @pytest.mark.parametrize("spec, depth", [("finetune[freeze=2]", 2), ("linear_probe", None), ("finetune", 0)])
 def test_prefix_cache_matches_the_uncached_path(tiny_resnet_source, tiny_task, spec, depth):
     depth = tiny_resnet_source.num_blocks if depth is None else depth
-    cached, cached_model = _fit(spec, tiny_resnet_source, tiny_task)
-    plain, plain_model = _fit(spec, tiny_resnet_source, tiny_task, prefix_cache_mb=0)
+    cached, cached_model = _fit(spec, tiny_resnet_source, tiny_task, lr=0.01)
+    plain, _ = _fit(spec, tiny_resnet_source, tiny_task, lr=0.01, prefix_cache_mb=0)
     assert cached.cached_prefix == depth and plain.cached_prefix == 0
-    for (a, b), (c, d) in zip(_losses(cached), _losses(plain), strict=True):
-        assert math.isclose(a, c, rel_tol=1e-5) and math.isclose(b, d, rel_tol=1e-5)
-    for k, v in plain_model.state_dict().items():
-        assert torch.allclose(v.float(), cached_model.state_dict()[k].float(), atol=1e-5), k
+    _first_epoch_close(cached, plain)
     for i in range(depth):  # the frozen blocks never moved, statistics included
         for k, v in cached_model.blocks[i].state_dict().items():
             assert torch.equal(v, tiny_resnet_source.blocks[i].state_dict()[k])
+    if depth:  # what the cache holds is what the frozen blocks compute
+        m = make_method(spec)
+        model = m.build(tiny_resnet_source, 5, arch="resnet20", in_shape=(1, 28, 28), seed=0)
+        _, train, _ = prefix_cache(model, m, tiny_task, TrainConfig(), Runtime(), False)
+        with torch.no_grad():
+            direct = model.eval().run_prefix(tiny_task.train.inputs(), depth)
+        assert torch.allclose(train.images, direct, rtol=1e-5, atol=1e-6)
 
 
 def test_prefix_cache_off_with_augmentation_over_budget_and_after_a_dropout(tiny_resnet_source, tiny_task):
@@ -317,19 +330,25 @@ def test_tiny_compare_on_cuda(tmp_path, tiny_source):
         assert all(r.diagnostics["device"].startswith("cuda") for r in trained)
 
 
-@pytest.mark.parametrize("spec", ["knowdist[beta=0.1]", "delta", "dtnh:knowdist[beta=0.1]"])
+@pytest.mark.parametrize("spec", ["knowdist[beta=0.01]", "delta", "dtnh:knowdist[beta=0.01]"])
 def test_teacher_cache_matches_the_uncached_path(tiny_resnet_source, tiny_task, spec):
-    cached, cached_model = _fit(spec, tiny_resnet_source, tiny_task)
-    plain, plain_model = _fit(spec, tiny_resnet_source, tiny_task, prefix_cache_mb=0)
-    for (a, b), (c, d) in zip(_losses(cached), _losses(plain), strict=True):
-        assert math.isclose(a, c, rel_tol=1e-5) and math.isclose(b, d, rel_tol=1e-5)
-    for k, v in plain_model.state_dict().items():
-        assert torch.allclose(v.float(), cached_model.state_dict()[k].float(), atol=1e-5), k
+    cached, _ = _fit(spec, tiny_resnet_source, tiny_task, lr=0.01)
+    plain, _ = _fit(spec, tiny_resnet_source, tiny_task, lr=0.01, prefix_cache_mb=0)
+    _first_epoch_close(cached, plain)
     m = make_method(spec)
     model = m.build(tiny_resnet_source, 5, arch="resnet20", in_shape=(1, 28, 28), seed=0)
     m.runtime = Runtime(cache_mb=2048)
     m.prepare(model, tiny_task)
-    assert sum(t is not None for t in m._teacher) == len({j % model.source.num_blocks for j in m.layers})
+    layers = {j % model.source.num_blocks for j in m.layers}
+    assert {j for j, t in enumerate(m._teacher) if t is not None} == layers
+    idx = torch.tensor([3, 0, 11])
+    x = tiny_task.train.inputs(idx)
+    model.train()
+    keep_frozen_batchnorm(model)  # as the trainer does: the frozen teacher in eval mode
+    _, _, from_cache = m.paired_features(model, x, idx)
+    _, _, computed = m.paired_features(model, x, None)
+    for j in layers:
+        assert torch.allclose(from_cache[j], computed[j], rtol=1e-5, atol=1e-6)
     m.runtime = Runtime(augmenting=True)
     m.prepare(model, tiny_task)
     assert m._teacher is None
