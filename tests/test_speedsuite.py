@@ -466,3 +466,16 @@ def test_the_report_without_the_imagenet_rows(suite):
 def test_the_report_survives_odd_imagenet_rows(imagenet):
     text = speed_section({"imagenet": imagenet, "trainer_over_bare_loop": 1.0})
     assert text.startswith("## speed")
+
+
+@pytest.mark.parametrize("arch", ["lenet", "resnet20"])
+def test_every_default_method_gets_a_training_step(arch):
+    """Each method the suite measures by default builds, prepares (on the suite's stand-in training split)
+    and takes a step and an evaluation pass, on both architectures."""
+    from paramtransfer.bench.speed import _steppers
+    from paramtransfer.bench.speedsuite import default_methods
+
+    for spec in default_methods(arch):
+        train_step, eval_step = _steppers(spec, arch, 4, 0)
+        train_step()
+        eval_step()

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from paramtransfer.data.task import Split
 from paramtransfer.experiments.compare import split_arch_options
 from paramtransfer.methods.base import make_method, parse_method_spec
 from paramtransfer.models.zoo import build_model
@@ -41,7 +42,7 @@ def _steppers(spec: str, arch: str, batch: int, seed: int) -> tuple[Callable[[],
     gen = torch.Generator().manual_seed(seed)
     x = to_memory_format(torch.randn(batch, *source.in_shape, generator=gen), channels_last)
     y = torch.randint(0, 5, (batch,), generator=gen)
-    method.prepare(model, SimpleNamespace(train=SimpleNamespace(x=x, y=y)))
+    method.prepare(model, SimpleNamespace(train=Split(x, y)))  # x: model inputs already (no spec)
     optimizer = make_optimizer(method.param_groups(model), TrainConfig())
     extra = {"index": torch.arange(batch)} if method.wants_batch_index else {}  # x is the "training set"
 
