@@ -581,7 +581,14 @@ CASES: list[Case] = [
     *(
         []
         if torch.cuda.is_available()
-        else [Case("device-cuda-absent", _plain(*RUN, "--method", "scratch", "--device", "cuda"), "no CUDA")]
+        else [
+            Case("device-cuda-absent", _plain(*RUN, "--method", "scratch", "--device", "cuda"), "no CUDA"),
+            Case(
+                "compare-set-device-cuda-absent",
+                _plain("compare", "--methods", "finetune", "--set", "train.device=cuda", "--quiet"),
+                "no CUDA",
+            ),
+        ]
     ),
     Case("device-unknown", _plain(*RUN, "--method", "scratch", "--device", "tpu"), "device 'tpu' is unknown"),
     Case("device-cuda-index-text", _plain(*RUN, "--method", "scratch", "--device", "cuda:x"), "cuda:N"),

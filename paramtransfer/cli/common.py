@@ -266,8 +266,18 @@ def _runtime_args(p: argparse.ArgumentParser, *, image_size: bool = True) -> Non
         )
 
 
+def check_runtime(train: dict[str, Any]) -> None:
+    """Refuse, before any source is pretrained or data loads, a device this machine lacks or a
+    precision it cannot run (``train``: the training settings, e.g. from --set or a YAML)."""
+    from paramtransfer.runtime import check_device_name, check_precision, resolve_device
+
+    device = resolve_device(check_device_name(str(train.get("device", "auto"))))
+    check_precision(str(train.get("precision", "32")), device)
+
+
 def apply_runtime_args(args: argparse.Namespace, train: dict[str, Any], data: dict[str, Any]) -> None:
-    """The flags of :func:`_runtime_args` into the training and data settings (flags win over --set)."""
+    """The flags of :func:`_runtime_args` into the training and data settings (flags win over --set);
+    then :func:`check_runtime`."""
     if getattr(args, "device", None) is not None:
         train["device"] = args.device
     if getattr(args, "precision", None) is not None:
@@ -277,6 +287,7 @@ def apply_runtime_args(args: argparse.Namespace, train: dict[str, Any], data: di
         from paramtransfer.experiments.compare import check_data_options
 
         check_data_options({"image_size": args.image_size})
+    check_runtime(train)
 
 
 def _check_out(path: str | os.PathLike | None, flag: str = "--out") -> None:

@@ -19,6 +19,7 @@ from paramtransfer.cli.common import (
     _source_args,
     _target_args,
     apply_runtime_args,
+    check_runtime,
     parse_sets,
 )
 from paramtransfer.errors import UserError
@@ -116,6 +117,7 @@ def command(args: argparse.Namespace) -> None:
     train, data, per_method = parse_sets(args.set, names)
     apply_runtime_args(args, train, data)
     config.train = {**config.train, **train}
+    check_runtime(config.train)  # a YAML's device too, before the source is pretrained
     config.data = {**config.data, **data}
     for name, opts in per_method.items():
         config.method_options[name] = {**config.method_options.get(name, {}), **opts}
