@@ -123,6 +123,15 @@ class Runtime:
         return torch.cat(outs)
 
 
+def make_runtime(
+    device: str = "auto", precision: str = "32", augment: bool = False, cache_mb: int = 2048
+) -> Runtime:
+    """A :class:`Runtime` with ``device`` resolved (an absent or unknown one is a UserError) and
+    ``precision`` checked against it: the one place where settings become a device."""
+    resolved = resolve_device(check_device_name(str(device)))
+    return Runtime(resolved, check_precision(str(precision), resolved), bool(augment), int(cache_mb))
+
+
 def module_device(module: nn.Module) -> torch.device:
     """The device of a module's first parameter or buffer (CPU for an empty module)."""
     for t in module.parameters():

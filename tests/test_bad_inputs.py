@@ -584,6 +584,19 @@ CASES: list[Case] = [
         else [
             Case("device-cuda-absent", _plain(*RUN, "--method", "scratch", "--device", "cuda"), "no CUDA"),
             Case(
+                "rank-device-cuda-absent",
+                lambda tmp, saved: [
+                    "rank",
+                    "--target",
+                    "digits",
+                    "--sources",
+                    str(saved),
+                    "--device",
+                    "cuda",
+                ],
+                "no CUDA",
+            ),
+            Case(
                 "compare-set-device-cuda-absent",
                 _plain("compare", "--methods", "finetune", "--set", "train.device=cuda", "--quiet"),
                 "no CUDA",
@@ -604,6 +617,11 @@ CASES: list[Case] = [
         "image-size-a-lenet-source-cannot-take",
         lambda tmp, saved: [*RUN, "--method", "finetune", "--source", str(saved), "--image-size", "64"],
         "cannot take 64x64 images",
+    ),
+    Case(
+        "bench-setting-unknown-score",
+        lambda tmp, saved: _bench_setting(tmp, "scores: [lps]\n"),
+        "scores must be a list of logme, leep, nce, hscore",
     ),
     Case("set-augment-text", _plain(*RUN, "--method", "scratch", "--set", "train.augment=maybe"), "augment"),
     Case(
@@ -636,6 +654,14 @@ CASES: list[Case] = [
         "cut.jpg is not a readable image",
     ),
 ]
+
+
+def _bench_setting(tmp: Path, extra: str) -> list[str]:
+    """``bench`` over a one-setting suite in ``tmp`` whose YAML holds ``extra``."""
+    suite = tmp / "suites" / "tiny"
+    suite.mkdir(parents=True)
+    (suite / "one.yaml").write_text("methods: [scratch]\nepochs: 1\nshots: 2\n" + extra)
+    return ["bench", "tiny/one", "--suites", str(tmp / "suites"), "--out", str(tmp / "bench"), "--quiet"]
 
 
 def _streamed_folder_with_cut_jpeg(tmp: Path) -> list[str]:

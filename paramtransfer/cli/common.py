@@ -269,10 +269,9 @@ def _runtime_args(p: argparse.ArgumentParser, *, image_size: bool = True) -> Non
 def check_runtime(train: dict[str, Any]) -> None:
     """Refuse, before any source is pretrained or data loads, a device this machine lacks or a
     precision it cannot run (``train``: the training settings, e.g. from --set or a YAML)."""
-    from paramtransfer.runtime import check_device_name, check_precision, resolve_device
+    from paramtransfer.experiments.run import runtime_of
 
-    device = resolve_device(check_device_name(str(train.get("device", "auto"))))
-    check_precision(str(train.get("precision", "32")), device)
+    runtime_of(train)
 
 
 def apply_runtime_args(args: argparse.Namespace, train: dict[str, Any], data: dict[str, Any]) -> None:

@@ -23,13 +23,7 @@ from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import save_model
 from paramtransfer.models.zoo import build_model
 from paramtransfer.results import RESULT, RunResult
-from paramtransfer.runtime import (
-    Runtime,
-    check_device_name,
-    check_precision,
-    module_device,
-    resolve_device,
-)
+from paramtransfer.runtime import Runtime, make_runtime, module_device
 from paramtransfer.train.checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
@@ -161,9 +155,7 @@ def runtime_of(train_options: dict[str, Any] | None) -> Runtime:
     """The device and precision that ``train_options`` ask for (``device``, ``precision``), resolved:
     a device this machine lacks is a UserError. Methods that do not train use it for their features."""
     opts = train_options or {}
-    device = resolve_device(check_device_name(str(opts.get("device", "auto"))))
-    augment = opts.get("augment", False)
-    return Runtime(device, check_precision(str(opts.get("precision", "32")), device), augment is True)
+    return make_runtime(opts.get("device", "auto"), opts.get("precision", "32"), opts.get("augment") is True)
 
 
 def _check_source_size(source: LayeredNet | None, spec: InputSpec) -> None:

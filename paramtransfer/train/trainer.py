@@ -23,14 +23,7 @@ from torch import nn
 from paramtransfer.data.pipeline import Augment, sample_crops
 from paramtransfer.errors import UserError
 from paramtransfer.models.layered import LayeredNet, is_frozen
-from paramtransfer.runtime import (
-    PRECISIONS,
-    Runtime,
-    check_device_name,
-    check_precision,
-    evaluating,
-    resolve_device,
-)
+from paramtransfer.runtime import PRECISIONS, Runtime, check_device_name, evaluating, make_runtime
 from paramtransfer.train.checkpoint import load_checkpoint, save_checkpoint
 
 Callback = Callable[..., None]
@@ -300,11 +293,10 @@ def prefix_cache(
     return depth, out[0], out[1]
 
 
-def make_runtime(config: TrainConfig) -> Runtime:
-    """The device (resolved: an absent one is a UserError) and precision of ``config``."""
-    device = resolve_device(config.device)
-    precision = check_precision(config.precision, device)
-    return Runtime(device, precision, bool(config.augment), int(config.prefix_cache_mb))
+def runtime_of_config(config: TrainConfig) -> Runtime:
+    """The device (resolved: an absent one is a UserError), precision, augmentation and cache budget of
+    ``config``."""
+    return make_runtime(config.device, config.precision, config.augment, config.prefix_cache_mb)
 
 
 def fit(
@@ -332,7 +324,7 @@ def fit(
         callbacks: called as ``cb("on_before_optimizer_step", model=..., terms=..., step=...)`` and
             ``cb("on_epoch_end", model=..., record=...)``.
     """
-    runtime = make_runtime(config)
+    runtime = runtime_of_config(config)
     channels_last = uses_channels_last(model, config)
     model.to(runtime.device)
     if channels_last:
