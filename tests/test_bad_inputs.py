@@ -624,6 +624,7 @@ CASES: list[Case] = [
         "scores must be a list of logme, leep, nce, hscore",
     ),
     Case("set-augment-text", _plain(*RUN, "--method", "scratch", "--set", "train.augment=maybe"), "augment"),
+    Case("set-bn-unknown", _plain(*RUN, "--method", "finetune", "--set", "train.bn=fixed"), "bn='fixed'"),
     Case(
         "set-prefix-cache-negative",
         _plain(*RUN, "--method", "scratch", "--set", "train.prefix_cache_mb=-1"),

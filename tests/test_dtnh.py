@@ -25,7 +25,7 @@ from paramtransfer.methods.base import METHODS, Method, frozen_copy, make_method
 from paramtransfer.methods.delta import channel_attention, fit_probe, weighted_feature_distance
 from paramtransfer.methods.dtnh import ANGLE_NAMES, register_dtnh
 from paramtransfer.methods.regularizers import feature_distance
-from paramtransfer.optim.dtnh import angle_degrees, correct_direction, correct_tensors
+from paramtransfer.optim.dtnh import angle_degrees, correct, correct_direction, correct_tensors
 from paramtransfer.report import comparison_table
 from paramtransfer.report.plots import plot_dtnh
 
@@ -230,6 +230,27 @@ def test_correct_tensors_by_hand() -> None:
     # the default lam is 1; the plain sum where nothing conflicts
     out, fraction = correct_tensors([_t([1.0, 1.0])], [_t([2.0, -1.0])])
     assert out[0].tolist() == [3.0, 0.0] and fraction == 0.0
+
+
+def test_conflict_sizes_by_hand() -> None:
+    # g_J = (2, 0), g_O = (-1, 1), lam = 3: ||3 g_O|| / ||g_J|| = 3 sqrt(2) / 2, cos = -2 / (2 sqrt 2);
+    # k = <g_J,g_O> / ||g_J||^2 = -1/2, the removed part is lam k g_J = (-3, 0): 3 / 2 of ||g_J||
+    out = correct([torch.tensor([2.0, 0.0])], [torch.tensor([-1.0, 1.0])], 3.0)
+    ratio, cosine, removed = out.sizes
+    assert ratio == pytest.approx(3 * math.sqrt(2) / 2)
+    assert cosine == pytest.approx(-1 / math.sqrt(2))
+    assert removed == pytest.approx(1.5)
+    torch.testing.assert_close(out.direction[0], torch.tensor([2.0, 3.0]))
+    # no conflict: nothing removed
+    assert correct([torch.tensor([2.0, 0.0])], [torch.tensor([1.0, 1.0])], 3.0).sizes[2] == 0.0
+    # per tensor: only the first tensor conflicts and loses (1, 0), of ||g_J|| = sqrt 2
+    task, reg = (
+        [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])],
+        [torch.tensor([-1.0, 0.0]), torch.tensor([0.0, 1.0])],
+    )
+    assert correct(task, reg, 1.0, "tensor").sizes[2] == pytest.approx(1 / math.sqrt(2))
+    assert correct(task, reg, 1.0, "global").sizes[2] == 0.0  # the conflicts cancel globally
+    assert correct([torch.zeros(2)], [torch.ones(2)], 1.0).sizes == (None, None, None)
 
 
 def test_correct_tensors_rejects_an_unknown_granularity() -> None:
@@ -488,6 +509,10 @@ def test_dtnh_run_diagnostics(tiny_source: pt.LayeredNet, tiny_task: pt.Task) ->
         equal = sum(same(a1, a3) and same(a2, a4) for _, a1, a2, a3, a4 in rec["dtnh_angles"])
         assert equal >= rec["dtnh_steps"] - rec["dtnh_corrected"]
     assert 0 < corrected < n  # both kinds of steps occurred
+    # the size of the conflicts: the removed part is 0 on uncorrected steps, > 0 on corrected ones
+    assert diag["mean_removed_ratio_corrected"] > 0 and diag["mean_cosine_corrected"] < 0
+    assert diag["mean_removed_ratio"] == pytest.approx(diag["mean_removed_ratio_corrected"] * corrected / n)
+    assert diag["mean_reg_task_norm_ratio"] > 0 and -1 <= diag["mean_cosine"] <= 1
     text = json.dumps(res.to_dict(), allow_nan=False)
     assert RunResult.from_dict(json.loads(text)).diagnostics == json.loads(json.dumps(diag))
 

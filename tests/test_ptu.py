@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import paramtransfer as pt
 from paramtransfer.errors import UserError
 from paramtransfer.methods.base import make_method
-from paramtransfer.methods.ptu import PTU, SeparableConv2d, group_lasso
+from paramtransfer.methods.ptu import PTU, PTUNet, SeparableConv2d, group_lasso
 from paramtransfer.train.trainer import TrainConfig, fit, keep_frozen_batchnorm
 
 
@@ -224,8 +224,6 @@ def test_bad_sources_are_refused(
         _build("ptu", tiny_rnn_source)
     with pytest.raises(UserError, match="rnn source"):
         _build("ptu_rnn", tiny_source)
-    with pytest.raises(UserError, match="zoo architecture"):
-        _build("ptu", tiny_wrapped_source)
     with pytest.raises(UserError):
         make_method("ptu[activation=sigmoid]")
 
@@ -353,3 +351,126 @@ def test_source_cache_can_be_turned_off_and_respects_its_budget(
     # training without the cache still works and gives finite losses
     out = fit(model, tiny_budget, tiny_task, TrainConfig(epochs=1, batch_size=8, patience=None))
     assert math.isfinite(out.history[0]["train_task"])
+
+
+# ---- the hook path: PTU on any LayeredNet ---------------------------------------------------------
+
+
+def _hooked_twin(model: PTUNet) -> PTUNet:
+    """The same source, target and units (copies), run through forward hooks on the target's blocks."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    return PTUNet(twin.source, twin.target, {int(k): u for k, u in twin.units.items()}, hooks=True)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_source", "tiny_resnet_source"])
+def test_hook_path_gives_the_zoo_path_numbers(fixture: str, request: pytest.FixtureRequest) -> None:
+    source = request.getfixturevalue(fixture)
+    _, model = _build("ptu[layers=[0,2]]", source)
+    twin = _hooked_twin(model)
+    assert twin.hooks and not model.hooks
+    x = torch.randn(4, *source.in_shape)
+    y = torch.tensor([0, 1, 2, 3])
+    for m in (model, twin):
+        m.train()
+        keep_frozen_batchnorm(m)
+        F.cross_entropy(m(x), y).backward()
+    assert torch.equal(model(x), twin(x))
+    for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
+    for (name, b), (_, c) in zip(model.named_buffers(), twin.named_buffers(), strict=True):
+        assert torch.equal(b, c), name  # the BatchNorm statistics moved alike
+    model.eval(), twin.eval()
+    assert torch.equal(model(x), twin(x))
+    # outside PTUNet.forward the hooks leave the target alone
+    assert torch.equal(twin.target(x), model.target(x))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_wrapped_source", "tiny_stem_wrapped_source"])
+def test_ptu_on_a_wrapped_model_through_hooks(fixture: str, request: pytest.FixtureRequest) -> None:
+    source = request.getfixturevalue(fixture)
+    method, model = _build("ptu", source)
+    assert model.hooks and model.layers == list(range(source.num_blocks))
+    x = torch.randn(6, *source.in_shape)
+    y = torch.arange(6) % 5
+    # the gates reach every unit: each ran in the forward pass and gets a gradient
+    for unit in model.units.values():
+        unit.last_r = None
+    model.train()
+    keep_frozen_batchnorm(model)
+    F.cross_entropy(model(x), y).backward()
+    for k, unit in model.units.items():
+        assert unit.last_r is not None, k
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in unit.parameters()), k
+    # z = 0 gives the target network alone
+    model.eval()
+    _force_gates(model, r=None, z=0)
+    assert torch.equal(model(x), model.target(x))
+    # z = 1, r = 0 passes the source's activation on: the last block's output is the source's
+    _force_gates(model, r=0, z=1)
+    seen = {}
+    last = model.target.blocks[-1]
+    handle = last.register_forward_hook(lambda _m, _i, out: seen.setdefault("out", out.detach().clone()))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    # the capture hook runs after the PTU's, so it sees the mixed output
+    torch.testing.assert_close(seen["out"], model.source.features(x)[-1], rtol=0, atol=0)
+
+
+def test_wrapped_ptu_trains_and_its_source_never_moves(tiny_stem_wrapped_source: pt.LayeredNet) -> None:
+    task = pt.load_task("fashion[0-4]", shots=4, seed=0, val_shots=2, test_limit=20)
+    method, model = _build("ptu", tiny_stem_wrapped_source)
+    source_before = {k: v.clone() for k, v in model.source.state_dict().items()}
+    units_before = {k: v.clone() for k, v in model.units.state_dict().items()}
+    fit(model, method, task, TrainConfig(lr=0.05, epochs=2, batch_size=8))
+    assert all(torch.equal(v, model.source.state_dict()[k]) for k, v in source_before.items())
+    assert any(not torch.equal(v, model.units.state_dict()[k]) for k, v in units_before.items())
+    gates = method.diagnostics(model, task)["gates"]
+    assert gates["layers"] == [0, 1] and len(gates["r"]) == 2
+
+
+def test_fixed_gates_stay_at_one_half(tiny_source: pt.LayeredNet) -> None:
+    task = pt.load_task("fashion[0-4]", shots=4, seed=0, val_shots=2, test_limit=20)
+    method, model = _build("ptu[fixed_gates=true]", tiny_source)
+    gate_params = [p for u in model.units.values() for g in (u.gate_r, u.gate_z) for p in g.parameters()]
+    assert gate_params and not any(p.requires_grad for p in gate_params)
+    optimised = {id(p) for g in method.param_groups(model) for p in g["params"]}
+    assert not optimised & {id(p) for p in gate_params}
+    fit(model, method, task, TrainConfig(lr=0.05, epochs=2, batch_size=8))
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in gate_params)
+    gates = method.diagnostics(model, task)["gates"]
+    assert gates["r"] == [0.5] * len(model.units) and gates["z"] == [0.5] * len(model.units)
+    # what is left: 0.5 h_T + 0.5 ((h_S + phi(W^h h_S)) / 2)
+    u = model.units["0"]
+    hs, ht = torch.randn(2, u.dim, 5, 5), torch.randn(2, u.dim, 5, 5)
+    expected = 0.5 * ht + 0.25 * hs + 0.25 * torch.tanh(u.adapt(hs))
+    torch.testing.assert_close(u(hs, ht), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_target_init_source_copies_the_source(tiny_resnet_source: pt.LayeredNet) -> None:
+    _, model = _build("ptu[target_init=source]", tiny_resnet_source)
+    for (name, p), q in zip(model.target.blocks.named_parameters(), tiny_resnet_source.blocks.parameters()):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name
+    assert all(p.requires_grad for p in model.target.blocks.parameters())
+    _, random_model = _build("ptu", tiny_resnet_source)
+    first = next(random_model.target.blocks.parameters())
+    assert not torch.equal(first, next(tiny_resnet_source.blocks.parameters()))
+    with pytest.raises(UserError, match="target_init"):
+        make_method("ptu[target_init=imagenet]")
+
+
+def test_ptu_on_efficientnet_lite0_at_a_tiny_size() -> None:
+    source = pt.build_model("efficientnet_lite0", num_classes=7, in_shape=(3, 32, 32), seed=0)
+    method, model = _build("ptu[layers=[1,3,8]]", source)
+    assert not model.hooks and model.layers == [1, 3, 8]
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    model.train()
+    keep_frozen_batchnorm(model)
+    F.cross_entropy(model(x), y).backward()
+    assert all(p.grad is None for p in model.source.parameters())
+    assert all(p.grad is not None for p in model.units.parameters())

@@ -489,3 +489,34 @@ def test_prepare_runs_before_the_first_step_and_again_on_resume(tiny_source, tin
         fit(model, method, tiny_task, cfg, checkpoint=tmp_path / "c.pt", callbacks=[_crash_at_epoch(1)])
     fit(model, method, tiny_task, cfg, checkpoint=tmp_path / "c.pt")
     assert calls == [len(tiny_task.train)] * 2
+
+
+def _bn_state(model: torch.nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    """Clones of every BatchNorm's running statistics (``kind="stats"``) or affine parameters."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            names = ("running_mean", "running_var") if kind == "stats" else ("weight", "bias")
+            out.update({f"{name}.{n}": getattr(m, n).detach().clone() for n in names})
+    return out
+
+
+@pytest.mark.parametrize("bn", ["train", "frozen"])
+def test_bn_frozen_keeps_the_source_statistics_and_trains_the_affine_parameters(
+    tiny_resnet_source, tiny_task, bn
+):
+    """``bn=frozen``: the BatchNorm layers copied from the source normalise with its statistics, which
+    never change, while their weights and biases train; a net initialised afresh (scratch) is unaffected."""
+    method = make_method("finetune")
+    model = method.build(tiny_resnet_source, 5, arch="resnet20", in_shape=tiny_resnet_source.in_shape, seed=0)
+    before_stats, before_affine = _bn_state(model, "stats"), _bn_state(model, "affine")
+    assert before_stats and before_affine
+    fit(model, method, tiny_task, TrainConfig(lr=0.05, epochs=1, batch_size=8, bn=bn))
+    moved = [k for k, v in _bn_state(model, "stats").items() if not torch.equal(v, before_stats[k])]
+    assert (moved == []) == (bn == "frozen")
+    assert any(not torch.equal(v, before_affine[k]) for k, v in _bn_state(model, "affine").items())
+    scratch = make_method("scratch")
+    fresh = scratch.build(None, 5, arch="resnet20", in_shape=(1, 28, 28), seed=0)
+    fresh_stats = _bn_state(fresh, "stats")
+    fit(fresh, scratch, tiny_task, TrainConfig(lr=0.05, epochs=1, batch_size=8, bn=bn))
+    assert all(not torch.equal(v, fresh_stats[k]) for k, v in _bn_state(fresh, "stats").items())

@@ -68,7 +68,7 @@ def _source_identity(source: LayeredNet | None) -> str:
 # ``fingerprints[1]`` kept it), the others are what every run did before they existed (no augmentation,
 # float32, the source's image size) and are left out of both.
 _OBSERVATIONAL_DEFAULTS = {"trace_test": False}
-_NEW_DEFAULTS = {"augment": False, "precision": "32", "image_size": None}
+_NEW_DEFAULTS = {"augment": False, "precision": "32", "image_size": None, "bn": "train"}
 # Never part of a run's identity: where it ran, and whether frozen blocks' outputs were cached.
 _PLACE = ("device", "prefix_cache_mb")
 

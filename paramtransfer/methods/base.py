@@ -188,6 +188,9 @@ def transfer_copy(source: LayeredNet, num_classes: int, seed: int) -> LayeredNet
         torch.manual_seed(seed)
         model.reset_head(num_classes)
     unfreeze(model)  # a source that was frozen (a frozen copy, a linear probe's net) transfers whole
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.source_statistics = True  # its running statistics are the source's (TrainConfig.bn)
     return model
 
 

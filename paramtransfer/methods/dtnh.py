@@ -32,6 +32,8 @@ from paramtransfer.optim.dtnh import GRANULARITIES, correct
 
 PREFIX = "dtnh:"
 ANGLE_NAMES = ("d_vs_task", "d_vs_reg", "sum_vs_task", "sum_vs_reg")  # Angles 1, 2, 3, 4 (Sec. V-D)
+# the size of the conflicts (optim.dtnh.Correction.sizes), averaged over all steps and over corrected ones
+SIZE_NAMES = ("reg_task_norm_ratio", "cosine", "removed_ratio")
 
 
 def _validate(self: Any) -> None:
@@ -98,6 +100,18 @@ def with_dtnh(base: type[Method]) -> type[Method]:
                 ep["angles"].append([ep["steps"], *result.angles])
             ep["steps"] += 1
             ep["corrected"] += result.corrected > 0
+            ratio, cosine, removed = result.sizes
+            if ratio is not None and cosine is not None:
+                sums = ep["sizes"]
+                sums[0] += 1
+                sums[1] += ratio
+                sums[2] += cosine
+                sums[3] += removed
+                if result.corrected > 0:
+                    sums[4] += 1
+                    sums[5] += ratio
+                    sums[6] += cosine
+                    sums[7] += removed
             ep["tensors_corrected"] += result.corrected
 
         def epoch_stats(self) -> dict[str, Any]:
@@ -110,6 +124,8 @@ def with_dtnh(base: type[Method]) -> type[Method]:
                 "dtnh_corrected": ep["corrected"],
                 "dtnh_tensors_corrected": ep["tensors_corrected"],
                 "dtnh_angles": ep["angles"],  # rows [step within the epoch, Angle 1, 2, 3, 4]
+                # [steps, sum ||g_O||/||g_J||, sum cos, sum removed/||g_J||; the same over corrected steps]
+                "dtnh_sizes": ep["sizes"],
             }
 
         def summarize_history(self, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -129,6 +145,10 @@ def with_dtnh(base: type[Method]) -> type[Method]:
                 "angle_every": self.config.angle_every,
                 "angles": angles,
             }
+            sizes = [sum(rec.get("dtnh_sizes", [0.0] * 8)[i] for rec in history) for i in range(8)]
+            for suffix, (n, first) in {"": (sizes[0], 1), "_corrected": (sizes[4], 5)}.items():
+                for i, name in enumerate(SIZE_NAMES):
+                    out[f"mean_{name}{suffix}"] = sizes[first + i] / n if n else None
             for name in ANGLE_NAMES:
                 values = angles[name]
                 finite = [v for v in values if v is not None]
@@ -140,7 +160,7 @@ def with_dtnh(base: type[Method]) -> type[Method]:
 
 
 def _new_epoch() -> dict[str, Any]:
-    return {"steps": 0, "corrected": 0, "tensors_corrected": 0.0, "angles": []}
+    return {"steps": 0, "corrected": 0, "tensors_corrected": 0.0, "angles": [], "sizes": [0.0] * 8}
 
 
 def dtnh_base(variant: str) -> str | None:

@@ -23,12 +23,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from paramtransfer.errors import UserError
-from paramtransfer.methods.base import Method, MethodConfig, freeze, fresh_model, frozen_copy, register_method
+from paramtransfer.methods.base import (
+    Method,
+    MethodConfig,
+    freeze,
+    fresh_model,
+    frozen_copy,
+    register_method,
+    transfer_copy,
+)
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.zoo import RowRNN
 
 _ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
 DEPTHWISE = ("shared", "per_channel")
+TARGET_INITS = ("random", "source")
 
 
 class SeparableConv2d(nn.Module):
@@ -189,6 +198,17 @@ class PTU(nn.Module):
         self.last_r, self.last_z = rz.detach().chunk(2, dim=1)
         return out
 
+    def fix_gates(self) -> None:
+        """Fix r = z = 0.5 for good: the gates' parameters become zeros (logits 0) and stop training.
+
+        The control of :class:`PTUConfig` ``fixed_gates``: what is left is a frozen source beside a
+        trainable target, averaged (``0.5 h^T + 0.25 h^S + 0.25 phi(W^h h^S)``), with W^h still learned.
+        """
+        for gate in (self.gate_r, self.gate_z):
+            for p in gate.parameters():
+                p.detach().zero_()
+                p.requires_grad_(False)
+
     def weights(self) -> list[torch.Tensor]:
         """The weight tensors W^r, W^z, W^h (biases excluded), for the regularisers."""
         return [p for name, p in self.named_parameters() if name.endswith("weight")]
@@ -265,6 +285,12 @@ class PTUConfig(MethodConfig):
         source is frozen and runs in eval mode, so this changes no number beyond float rounding; it
         saves the source forward pass, about a sixth of a PTU step on LeNet.
 
+    fixed_gates: the control "PTU without gating": r = z = 0.5 throughout (:meth:`PTU.fix_gates`), only
+        W^h and the target train. A gain that survives it comes from the architecture (a frozen source
+        beside a trainable net), not from learned gating.
+    target_init: ``"random"`` (the paper: a freshly initialised target, NoTL's starting point) or
+        ``"source"`` (the target starts as a copy of the source, a fine-tuned net beside the frozen one).
+
     The defaults and the measurements behind them are in ``benchmarks/ptu/README.md``: on our data the
     variants are within noise of each other; ``lr_mult=10`` is kept because at 1 the gates do not
     leave 0.5 within a few hundred steps.
@@ -283,6 +309,8 @@ class PTUConfig(MethodConfig):
     group_filter: float = 0.0
     group_channel: float = 0.0
     source_cache_mb: float = 1024.0
+    fixed_gates: bool = False
+    target_init: str = "random"
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, int) and not isinstance(self.layers, bool):
@@ -303,6 +331,10 @@ class PTUConfig(MethodConfig):
             raise UserError(f"ptu depthwise={self.depthwise!r}: use {' or '.join(DEPTHWISE)}")
         if self.source_cache_mb < 0:
             raise UserError("ptu source_cache_mb must be >= 0 (0 turns the cache off)")
+        if self.target_init not in TARGET_INITS:
+            raise UserError(f"ptu target_init={self.target_init!r}: use {' or '.join(TARGET_INITS)}")
+        if not isinstance(self.fixed_gates, bool):
+            raise UserError(f"ptu fixed_gates={self.fixed_gates!r}: use true or false")
 
 
 class _PTUModel(nn.Module):
@@ -321,11 +353,34 @@ class _PTUModel(nn.Module):
 
 
 class PTUNet(_PTUModel):
-    """PTU-CNN (Fig. 3): source and target blocks side by side, a PTU after each chosen block."""
+    """PTU-CNN (Fig. 3): source and target blocks side by side, a PTU after each chosen block.
+
+    Two ways to run the target, with the same numbers: a zoo net's blocks one by one (``hooks=False``),
+    or the target's own forward with a forward hook on each chosen block that *replaces* the block's
+    output by the PTU's mix (``hooks=True``, the only way for a wrapped model: its forward is the
+    user's and cannot be run block by block). Default: hooks exactly when the target is not sequential.
+    """
+
+    def __init__(
+        self, source: LayeredNet, target: LayeredNet, units: dict[int, PTU], hooks: bool | None = None
+    ) -> None:
+        super().__init__(source, target, units)
+        self.hooks = (not target.sequential) if hooks is None else bool(hooks)
+        self._source_acts: list[torch.Tensor | None] | None = None  # set only inside forward
+        if self.hooks:
+            for i in self.layers:
+                block = target.blocks[i]
+                # plain attributes, not submodules: a deep copy of the model then points at the copy
+                object.__setattr__(block, "_ptu_owner", self)
+                object.__setattr__(block, "_ptu_layer", i)
+                block.register_forward_hook(_mix_hook)
 
     @torch.no_grad()
     def source_activations(self, x: torch.Tensor) -> list[torch.Tensor | None]:
         """The source's output at every block with a PTU (None elsewhere)."""
+        if not self.source.sequential:
+            feats = self.source.features(x)[: max(self.layers) + 1]
+            return [f if str(i) in self.units else None for i, f in enumerate(feats)]
         out: list[torch.Tensor | None] = []
         hs = x
         for i, bs in enumerate(self.source.blocks):
@@ -338,12 +393,28 @@ class PTUNet(_PTUModel):
     def forward(self, x: torch.Tensor, source: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """Logits; ``source`` (from :meth:`source_activations`) skips the source's forward pass."""
         hs = self.source_activations(x) if source is None else source
+        if self.hooks:
+            self._source_acts = hs
+            try:
+                return self.target(x)
+            finally:
+                self._source_acts = None
         ht = x
         for i, bt in enumerate(self.target.blocks):
             ht = bt(ht)
             if str(i) in self.units:
                 ht = self.units[str(i)](hs[i], ht)
         return self.target.head(self.target.neck(ht))
+
+
+def _mix_hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook on a chosen target block: its output ``h^T_l`` becomes the PTU's ``h~^T_l`` (Eq. 2)."""
+    owner: PTUNet = module._ptu_owner  # type: ignore[assignment]
+    hs = owner._source_acts
+    if hs is None:  # the target run on its own, outside PTUNet.forward
+        return None
+    layer = module._ptu_layer
+    return owner.units[str(layer)](hs[layer], output)
 
 
 class PTURNN(_PTUModel):
@@ -374,7 +445,7 @@ class _PTUMethodBase(Method):
         c: PTUConfig = self.config  # type: ignore[assignment]
         return [
             {"params": [p for p in model.target.parameters() if p.requires_grad]},
-            {"params": list(model.units.parameters()), "lr_mult": c.lr_mult},
+            {"params": [p for p in model.units.parameters() if p.requires_grad], "lr_mult": c.lr_mult},
         ]
 
     def regularizer(self, model: nn.Module) -> torch.Tensor | None:
@@ -500,21 +571,20 @@ def _make_unit(c: PTUConfig, kind: str, dim: int) -> PTU:
 @register_method("ptu")
 class PTUMethod(_PTUMethodBase):
     """PTU-CNN: a frozen source, a freshly initialised target of the same architecture, and a PTU after
-    each chosen block (conv PTUs after conv blocks, linear PTUs after fully connected ones)."""
+    each chosen block (conv PTUs after conv blocks, linear PTUs after fully connected ones). Any
+    LayeredNet: zoo nets, EfficientNet-Lite0, the torchvision architectures and wrapped models (hooks)."""
 
-    supported_archs = ("lenet", "resnet20", "mobilenet")
-    arch_advice = ", or the method ptu_rnn for rnn"
+    @classmethod
+    def check_arch(cls, arch: str) -> None:
+        if arch == "rnn":
+            raise UserError("method 'ptu' runs on CNNs, not on rnn; use the method ptu_rnn for rnn")
 
     def build(
         self, source: LayeredNet | None, num_classes: int, *, arch: str, in_shape: tuple, seed: int
     ) -> nn.Module:
         src = self._require_source(source)
-        if not src.sequential:
-            raise UserError(
-                "ptu runs source and target blocks one by one; use a zoo architecture, not a wrapped model"
-            )
         if src.arch == "rnn":
-            raise UserError("for the rnn architecture use the method ptu_rnn")
+            self.check_arch(src.arch)
         c: PTUConfig = self.config  # type: ignore[assignment]
         n = src.num_blocks
         bad = [i for i in (c.layers if c.layers != "all" else []) if not -n <= int(i) < n]
@@ -526,11 +596,17 @@ class PTUMethod(_PTUMethodBase):
             src.eval()
             feats = src.features(torch.zeros(2, *src.in_shape))
             src.train(was_training)
-        target = fresh_model(src, num_classes, arch, in_shape, seed)
+        if c.target_init == "source":
+            target = transfer_copy(src, num_classes, seed)
+        else:
+            target = fresh_model(src, num_classes, arch, in_shape, seed)
         frozen_source = frozen_copy(src)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             units = {i: _make_unit(c, *_unit_kind(feats[i])) for i in layers}
+        if c.fixed_gates:
+            for unit in units.values():
+                unit.fix_gates()
         return PTUNet(frozen_source, target, units)
 
 

@@ -82,11 +82,16 @@ class Correction:
         corrected: fraction of projections applied (global: 0 or 1; tensor: fraction of tensors).
         angles: Angles 1-4 of Sec. V-D in degrees (None where a vector is zero): ``d`` vs ``g_J``,
             ``d`` vs ``g_O``, ``g_J + lam g_O`` vs ``g_J``, ``g_J + lam g_O`` vs ``g_O``.
+        sizes: how large the conflict is, not only whether there is one (None where ``g_J`` or ``g_O``
+            is zero): ``(||lam g_O|| / ||g_J||, cos(g_J, g_O), ||d - (g_J + lam g_O)|| / ||g_J||)``; the last
+            is the length of what the projection removed, relative to the task gradient (0 without a
+            conflict; ``lam |<g_J,g_O>| / ||g_J||^2`` for the global projection).
     """
 
     direction: list[torch.Tensor]
     corrected: float
     angles: tuple[float | None, float | None, float | None, float | None]
+    sizes: tuple[float | None, float | None, float | None] = (None, None, None)
 
 
 def _angle(dot: float, sq_a: float, sq_b: float) -> float | None:
@@ -169,7 +174,13 @@ def correct(
         _angle(sjj + lam * sjo, l_l, sjj),
         _angle(sjo + lam * soo, l_l, soo),
     )
-    return Correction(direction, corrected / max(1, len(groups)), angles)
+    removed = math.sqrt(sum((a[g] - 1.0) ** 2 * jj[g] for g in range(len(a))))
+    sizes = (
+        math.sqrt(lam**2 * soo / sjj) if sjj > 0 else None,
+        sjo / math.sqrt(sjj * soo) if sjj > 0 and soo > 0 else None,
+        removed / math.sqrt(sjj) if sjj > 0 else None,
+    )
+    return Correction(direction, corrected / max(1, len(groups)), angles, sizes)
 
 
 def correct_tensors(

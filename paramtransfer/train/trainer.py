@@ -60,6 +60,12 @@ class TrainConfig:
             deterministic (:meth:`~paramtransfer.models.layered.LayeredNet.frozen_prefix`), their outputs
             on the training and validation splits are computed once per run and the blocks after them
             train on those; off while ``augment`` is on, and when the outputs exceed the budget.
+        bn: ``train`` (BatchNorm layers normalise with batch statistics and update their running ones)
+            or ``frozen``: the BatchNorm layers that come with the source (copied by
+            :func:`~paramtransfer.methods.base.transfer_copy`) keep the source's running statistics and
+            normalise with them while their affine parameters train (timm's / TLlib's "freeze BN"); layers
+            a method initialises afresh (scratch, PTU's target) train as usual. Measured on the ImageNet
+            source in ``benchmarks/imagenet/README.md``.
     """
 
     epochs: int = 30
@@ -81,8 +87,11 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "32"
     prefix_cache_mb: int = 2048
+    bn: str = "train"
 
     def __post_init__(self) -> None:
+        if self.bn not in BN_MODES:
+            raise UserError(f"bn={self.bn!r} is unknown; use {' or '.join(BN_MODES)}")
         for name in ("augment", "trace_test"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false (got {getattr(self, name)!r})")
@@ -158,6 +167,17 @@ def batches(n: int, batch_size: int, min_last: float, perm: torch.Tensor) -> Ite
     for i, s in enumerate(starts):
         end = starts[i + 1] if i + 1 < len(starts) else n
         yield perm[s:end]
+
+
+BN_MODES = ("train", "frozen")
+
+
+def freeze_source_statistics(model: nn.Module) -> None:
+    """``TrainConfig.bn = "frozen"``: BatchNorm layers copied from the source normalise with the source's
+    running statistics (eval mode) and leave them unchanged; their affine parameters still train."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and getattr(m, "source_statistics", False):
+            m.eval()
 
 
 def keep_frozen_batchnorm(model: nn.Module) -> None:
@@ -397,6 +417,8 @@ def fit(
             g["lr"] = config.lr * g["lr_mult"] * factor
         model.train()
         keep_frozen_batchnorm(model)
+        if config.bn == "frozen":
+            freeze_source_statistics(model)
         sums: dict[str, float] = {}
         seen = 0
         perm = torch.randperm(n, generator=shuffle)
