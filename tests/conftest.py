@@ -49,6 +49,26 @@ def tiny_resnet_source() -> pt.LayeredNet:
     return pt.build_model("resnet20", num_classes=5, seed=123, width=4)
 
 
+@pytest.fixture(scope="session")
+def tiny_effnet_source() -> pt.LayeredNet:
+    """EfficientNet-Lite0 (full width, random weights) at a tiny grey 28x28 input: MBConv blocks with and
+    without identity shortcuts, ReLU6, TF-style padding, dropout before the head."""
+    net = pt.build_model("efficientnet_lite0", num_classes=5, in_shape=(1, 28, 28), seed=123)
+    # BatchNorm statistics of the inputs, as a trained source has them: with the initial ones (0, 1) the
+    # random blocks' activations grow with depth until a PTU's tanh saturates and passes no gradient
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.momentum = None  # a cumulative average over the calibration batches
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        net.train()
+        for _ in range(4):
+            net(torch.rand(32, 1, 28, 28, generator=generator))
+    for m in norms:
+        m.momentum = 0.1
+    return net.eval()
+
+
 class _UserNet(torch.nn.Module):
     """A model written without paramtransfer in mind (in-place ReLU after a block, BatchNorm)."""
 

@@ -22,7 +22,7 @@ from paramtransfer.errors import UserError
 from paramtransfer.methods.base import METHODS, Method, make_method, parse_method_spec
 from paramtransfer.train.trainer import TrainConfig, fit
 
-# tiny_stem_wrapped_source: a wrapped model with an un-named stem (conv + BatchNorm), an un-named BatchNorm
+# tiny_effnet_source: EfficientNet-Lite0 at 28x28 grey. tiny_stem_wrapped_source: a wrapped model with an un-named stem (conv + BatchNorm), an un-named BatchNorm
 # between its blocks, a parameter of its own and a BatchNorm without affine parameters in a block
 ARCHS = [
     "tiny_source",
@@ -30,6 +30,7 @@ ARCHS = [
     "tiny_wrapped_source",
     "tiny_stem_wrapped_source",
     "tiny_rnn_source",
+    "tiny_effnet_source",
 ]
 DESIGN_KEYS = {
     "method",
