@@ -568,9 +568,22 @@ CASES: list[Case] = [
         "arch. options",
     ),
     Case(
-        "spottune-on-efficientnet",
-        _plain(*RUN, "--method", "spottune", "--source", "imagenet", "--arch", "efficientnet_lite0"),
-        "spottune",
+        "ptu-on-efficientnet",
+        _plain(*RUN, "--method", "ptu", "--source", "imagenet", "--arch", "efficientnet_lite0"),
+        "not on efficientnet_lite0",
+    ),
+    Case(
+        "spottune-freeze-first-beyond-efficientnet",
+        _plain(
+            *RUN,
+            "--method",
+            "spottune[freeze_first=10]",
+            "--source",
+            "imagenet",
+            "--arch",
+            "efficientnet_lite0",
+        ),
+        "freeze_first=10 exceeds the 9 routed blocks",
     ),
     Case(
         "ray-unreadable-address",

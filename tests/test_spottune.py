@@ -2,12 +2,16 @@
 all-fine-tuned routes against nets built by hand, masked per-example routing, the straight-through
 Gumbel gradient, deterministic evaluation, frozen copies that never move, tau annealing across a
 resume, the global-k losses (Eqs. 5-6), the compact export, diagnostics, wrapped models, config
-errors, and the Visual Decathlon score."""
+errors, and the Visual Decathlon score. The Eq. 2 tests run on ResNet-20 (whole blocks routed) and on
+EfficientNet-Lite0 at 32 px (MBConv blocks routed inside their stages); the routed units of torchvision's
+ResNet-18 and MobileNetV2 are checked too."""
 
 from __future__ import annotations
 
 import copy
+import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,12 +22,54 @@ import paramtransfer as pt
 from paramtransfer.errors import UserError
 from paramtransfer.experiments.run import train_model
 from paramtransfer.methods.base import make_method
-from paramtransfer.methods.spottune import SpotTuneNet, _sample, global_losses, routable_blocks
+from paramtransfer.methods.spottune import (
+    SpotTune,
+    SpotTuneNet,
+    _sample,
+    global_losses,
+    routable_blocks,
+    unit_key,
+)
 from paramtransfer.metrics import decathlon_score
 from paramtransfer.models.zoo import BasicBlock
 from paramtransfer.train.trainer import TrainConfig, fit, keep_frozen_batchnorm
 
 ROUTED = 9  # the basic blocks of ResNet-20 (blocks 1..9; block 0 is the stem)
+SMALL = (3, 32, 32)  # the input of the ImageNet architectures in these tests
+
+
+def _imagenet_net(arch: str) -> pt.LayeredNet:
+    """``arch`` at 32 px with random weights and BatchNorm statistics of random inputs, as a trained source
+    has them: with the initial statistics (0, 1) the activations of these deep nets saturate in eval mode
+    and every example gets the same logits, which would make the comparisons below vacuous."""
+    net = pt.build_model(arch, num_classes=5, in_shape=SMALL, seed=0)
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = None  # a cumulative average: one batch sets the statistics to its own
+    net.train()
+    with torch.no_grad():
+        net(_inputs(32, seed=9, shape=SMALL))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    return net.eval()
+
+
+def _assert_examples_differ(logits: torch.Tensor) -> None:
+    assert not torch.allclose(logits[0], logits[1], rtol=0, atol=1e-3), "saturated: every example alike"
+
+
+@pytest.fixture(scope="module")
+def efficientnet_source() -> pt.LayeredNet:
+    """EfficientNet-Lite0 (random weights) at 32 px: 9 MBConv blocks with an identity shortcut, in stages."""
+    return _imagenet_net("efficientnet_lite0")
+
+
+@pytest.fixture(params=["resnet20", "efficientnet_lite0"])
+def routed_source(request: pytest.FixtureRequest) -> pt.LayeredNet:
+    """ResNet-20 (blocks routed whole) and EfficientNet-Lite0 (children of stages routed)."""
+    name = "tiny_resnet_source" if request.param == "resnet20" else "efficientnet_source"
+    return request.getfixturevalue(name)
 
 
 def _build(spec: str, source: pt.LayeredNet, num_classes: int = 5, seed: int = 0, **options):
@@ -32,15 +78,26 @@ def _build(spec: str, source: pt.LayeredNet, num_classes: int = 5, seed: int = 0
     return method, model
 
 
-def _inputs(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+def _inputs(n: int, seed: int = 0, shape: tuple[int, ...] = (1, 28, 28)) -> torch.Tensor:
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _perturb(module: nn.Module, scale: float = 0.2, seed: int = 1) -> None:
+def _perturb(module: nn.Module, scale: float = 0.2, seed: int = 1, relative: bool = False) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
+            noise = scale * torch.randn(p.shape, generator=gen)
+            if relative:
+                p.mul_(1 + noise)
+            else:
+                p.add_(noise)
+
+
+def _perturb_tuned(model: SpotTuneNet, scale: float = 0.2) -> None:
+    """Move the fine-tuned copies away from the frozen ones: by ``scale * N(0, 1)`` in ResNet-20, by a factor
+    ``1 + scale * N(0, 1)`` in the deep ImageNet nets (there an additive shift of 0.2 inflates the
+    activations until a batch and its examples run alone part by far more than rounding)."""
+    _perturb(model.tuned, scale, relative=model.net.arch != "resnet20")
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -62,6 +119,26 @@ def _chain(blocks: list[nn.Module], head: nn.Module, neck: nn.Module, x: torch.T
     return head(neck(h))
 
 
+def _blocks_with(model: SpotTuneNet, on: set, fresh: bool = False) -> list[nn.Module]:
+    """The source net's blocks with the fine-tuned copies of the units ``on`` in place, assembled by hand: a
+    stage with a routed child becomes a new ``nn.Sequential`` of the same modules. ``fresh``: deep copies
+    of the fine-tuned copies in training mode (so a reference run leaves the model's statistics alone)."""
+
+    def tuned(unit: tuple) -> nn.Module:
+        t = model.tuned[unit_key(unit)]
+        return copy.deepcopy(t).train() if fresh else t
+
+    blocks: list[nn.Module] = []
+    for i, block in enumerate(model.net.blocks):
+        if (i, None) in on:
+            blocks.append(tuned((i, None)))
+        elif any(u[0] == i for u in on):
+            blocks.append(nn.Sequential(*[tuned((i, j)) if (i, j) in on else b for j, b in enumerate(block)]))
+        else:
+            blocks.append(block)
+    return blocks
+
+
 def _raise(*_args, **_kwargs):
     raise AssertionError("the policy network must not run here")
 
@@ -72,49 +149,112 @@ def _raise(*_args, **_kwargs):
 def test_resnet20_routes_its_nine_basic_blocks(tiny_resnet_source: pt.LayeredNet) -> None:
     _, model = _build("spottune", tiny_resnet_source)
     expected = [i for i, b in enumerate(tiny_resnet_source.blocks) if isinstance(b, BasicBlock)]
-    assert model.routed == routable_blocks(tiny_resnet_source) == expected == list(range(1, 10))
+    assert model.routed == routable_blocks(tiny_resnet_source) == [(i, None) for i in expected]
+    assert expected == list(range(1, 10))
     assert sorted(model.tuned.keys(), key=int) == [str(i) for i in expected]
     assert model.policy(_inputs(2)).shape == (2, ROUTED, 2)
+    method = make_method("spottune")
+    diag = method.diagnostics(model, SimpleNamespace(test=_inputs(3)))
+    assert diag["routed_blocks"] == expected  # plain block numbers, as results always had them
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18", "mobilenet_v2"])
+def test_imagenet_nets_route_exactly_their_residual_blocks(arch: str) -> None:
+    source = _imagenet_net(arch)
+    residual = source.residual_blocks()
+    method, model = _build("spottune", source)
+    units = [(i, j) for i, j, _ in residual]
+    assert model.routed == routable_blocks(source) == units
+    assert len(units) == {"efficientnet_lite0": 9, "resnet18": 5, "mobilenet_v2": 10}[arch]
+    if arch == "mobilenet_v2":  # the inverted residuals are blocks of their own
+        assert all(j is None for _, j in units)
+    else:  # children of the stages; the first MBConv / BasicBlock of a stage changes the shape
+        assert all(j is not None and isinstance(source.blocks[i], nn.Sequential) for i, j in units)
+        assert all(j > 0 for i, j in units if i > 1)
+    keys = [str(i) if j is None else f"{i}_{j}" for i, j in units]
+    assert list(model.tuned.keys()) == keys
+    for (i, j, module), key in zip(residual, keys, strict=True):
+        assert module.has_skip
+        frozen = model.net.blocks[i] if j is None else model.net.blocks[i][j]
+        copy_state, frozen_state = model.tuned[key].state_dict(), frozen.state_dict()
+        assert copy_state.keys() == frozen_state.keys()
+        assert all(torch.equal(copy_state[n], frozen_state[n]) for n in frozen_state)
+        assert not {t.data_ptr() for t in copy_state.values()} & {t.data_ptr() for t in frozen_state.values()}
+    for size in (32, 64):  # the policy reads the image at the size the pipeline gives
+        assert model.policy(_inputs(2, shape=(3, size, size))).shape == (2, len(units), 2)
+    _perturb_tuned(model)
+    model.eval()
+    x = _inputs(3, shape=SMALL)
+    with torch.no_grad():
+        frozen_out = model(x, route=torch.zeros(3, len(units)))
+        assert torch.equal(frozen_out, model.net(x))  # the source's blocks with the new head
+        expected = _chain(_blocks_with(model, set(units)), model.net.head, model.net.neck, x)
+        finetuned_out = model(x, route=torch.ones(3, len(units)))
+        assert torch.equal(finetuned_out, expected)
+    _assert_examples_differ(frozen_out)
+    _assert_examples_differ(finetuned_out)
+    assert not torch.allclose(frozen_out, finetuned_out)
+    labels = method.diagnostics(model, SimpleNamespace(test=x))["routed_blocks"]
+    assert labels == [i if j is None else [i, j] for i, j in units]
+    assert json.loads(json.dumps(labels)) == labels
+
+
+def test_supported_archs_are_the_nets_with_residual_blocks() -> None:
+    archs = [a for a in SpotTune.supported_archs if a != "wrapped"]
+    assert {"resnet20", "efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v2"} <= set(archs)
+    assert {"mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b3"} <= set(archs)
+    for arch in archs:
+        SpotTune.check_arch(arch)
+        with torch.device("meta"):  # shapes only
+            net = pt.build_model(arch, num_classes=5, in_shape=SMALL)
+        assert routable_blocks(net), arch
+    for arch in ("lenet", "mobilenet", "rnn"):
+        with pytest.raises(UserError, match=f"not on {arch}; use --arch resnet20"):
+            SpotTune.check_arch(arch)
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_all_frozen_route_is_the_source_with_the_new_head(
-    tiny_resnet_source: pt.LayeredNet, mode: str
-) -> None:
-    _, model = _build("spottune", tiny_resnet_source)
-    _perturb(model.tuned)  # the frozen route must not see the tuned copies at all
-    source = copy.deepcopy(tiny_resnet_source).eval()
-    x = _inputs(6)
+def test_all_frozen_route_is_the_source_with_the_new_head(routed_source: pt.LayeredNet, mode: str) -> None:
+    _, model = _build("spottune", routed_source)
+    _perturb_tuned(model)  # the frozen route must not see the tuned copies at all
+    source = copy.deepcopy(routed_source).eval()
+    x = _inputs(6, shape=routed_source.in_shape)
     with torch.no_grad():
-        expected = _chain(list(source.blocks), model.net.head, model.net.neck, x)
         if mode == "eval":
             model.eval()
         else:
             model.train()
             keep_frozen_batchnorm(model)
-        out = model(x, route=torch.zeros(6, ROUTED))
+        torch.manual_seed(0)  # the same dropout mask in the neck (EfficientNet's) for both runs
+        expected = _chain(list(source.blocks), model.net.head, model.net.neck, x)
+        torch.manual_seed(0)
+        out = model(x, route=torch.zeros(6, len(model.routed)))
     assert torch.equal(out, expected)
     # the head is the new one, not the source's
-    assert not torch.equal(model.net.head.weight, tiny_resnet_source.head.weight)
+    assert not torch.equal(model.net.head.weight, routed_source.head.weight)
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_all_finetuned_route_runs_the_tuned_copies(tiny_resnet_source: pt.LayeredNet, mode: str) -> None:
-    _, model = _build("spottune", tiny_resnet_source)
-    _perturb(model.tuned)
-    x = _inputs(6)
-    ones, zeros = torch.ones(6, ROUTED), torch.zeros(6, ROUTED)
+def test_all_finetuned_route_runs_the_tuned_copies(routed_source: pt.LayeredNet, mode: str) -> None:
+    _, model = _build("spottune", routed_source)
+    _perturb_tuned(model)
+    x = _inputs(6, shape=routed_source.in_shape)
+    n = len(model.routed)
+    ones, zeros = torch.ones(6, n), torch.zeros(6, n)
     with torch.no_grad():
         if mode == "eval":
             model.eval()
-            tuned = [model.tuned[str(i)] for i in model.routed]
         else:
             model.train()
             keep_frozen_batchnorm(model)
-            # copies in training mode (batch statistics), so the model's own update of their running
-            # statistics does not enter the reference
-            tuned = [copy.deepcopy(model.tuned[str(i)]).train() for i in model.routed]
-        expected = _chain([model.net.blocks[0], *tuned], model.net.head, model.net.neck, x)
+        # in training: copies in training mode (batch statistics), so the model's own update of their
+        # running statistics does not enter the reference
+        blocks = _blocks_with(model, set(model.routed), fresh=mode == "train")
+        if routed_source.arch == "resnet20" and mode == "eval":  # the stem, then the fine-tuned copies
+            assert blocks == [model.net.blocks[0], *(model.tuned[str(i)] for i in range(1, 10))]
+        torch.manual_seed(0)
+        expected = _chain(blocks, model.net.head, model.net.neck, x)
+        torch.manual_seed(0)
         out = model(x, route=ones)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
         model.eval()
@@ -123,50 +263,49 @@ def test_all_finetuned_route_runs_the_tuned_copies(tiny_resnet_source: pt.Layere
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_mixed_route_in_eval_equals_each_example_alone(
-    tiny_resnet_source: pt.LayeredNet, channels_last: bool
+    routed_source: pt.LayeredNet, channels_last: bool
 ) -> None:
-    _, model = _build("spottune", tiny_resnet_source)
-    _perturb(model.tuned)
+    _, model = _build("spottune", routed_source)
+    _perturb_tuned(model)
     model.eval()
-    b = 6
-    route = torch.tensor([[(r + j) % 2 for j in range(ROUTED)] for r in range(b)], dtype=torch.float32)
+    b, units = 6, len(model.routed)
+    route = torch.tensor([[(r + j) % 2 for j in range(units)] for r in range(b)], dtype=torch.float32)
     route[4] = 1.0
     route[5] = 0.0  # but for the two columns below
-    route[:, 7] = 0.0  # a block no example fine-tunes
-    route[:, 8] = 1.0  # a block every example fine-tunes
-    x = _inputs(b)
+    route[:, units - 2] = 0.0  # a block no example fine-tunes
+    route[:, units - 1] = 1.0  # a block every example fine-tunes
+    x = _inputs(b, shape=routed_source.in_shape)
     with torch.no_grad():
         expected = []
         for n in range(b):  # each example through its own chain of blocks
-            blocks = [model.net.blocks[0]] + [
-                model.tuned[str(i)] if route[n, j] else model.net.blocks[i]
-                for j, i in enumerate(model.routed)
-            ]
-            expected.append(_chain(blocks, model.net.head, model.net.neck, x[n : n + 1]))
+            on = {u for j, u in enumerate(model.routed) if route[n, j]}
+            expected.append(_chain(_blocks_with(model, on), model.net.head, model.net.neck, x[n : n + 1]))
         expected = torch.cat(expected)
         if channels_last:
             model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         out = model(x, route=route)
         frozen = model(x, route=torch.zeros_like(route))
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    for n in range(b):  # every row fine-tunes block 9 at least, so no row is the frozen net
+    tol = 1e-5 if routed_source.arch == "resnet20" else 1e-4  # 30 layers more of batch-size rounding
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    _assert_examples_differ(out)
+    for n in range(b):  # every row fine-tunes the last block at least, so no row is the frozen net
         assert not torch.allclose(out[n], frozen[n])
 
 
 # ---- 4-5: training decisions and their gradient; deterministic evaluation ------------------------
 
 
-def test_straight_through_gumbel_gives_the_policy_gradients(tiny_resnet_source: pt.LayeredNet) -> None:
-    _, model = _build("spottune", tiny_resnet_source)
-    _perturb(model.tuned, scale=0.05)
+def test_straight_through_gumbel_gives_the_policy_gradients(routed_source: pt.LayeredNet) -> None:
+    _, model = _build("spottune", routed_source)
+    _perturb_tuned(model, 0.05)
     model.train()
     keep_frozen_batchnorm(model)
     torch.manual_seed(0)
-    x, y = _inputs(8), torch.arange(8) % 5
+    x, y = _inputs(8, shape=routed_source.in_shape), torch.arange(8) % 5
     loss = F.cross_entropy(model(x), y)
     route = model.route
-    assert route.shape == (8, ROUTED)
+    assert route.shape == (8, ROUTED)  # nine units in both nets
     assert bool(((route == 0) | (route == 1)).all()), "training decisions must be exactly 0 or 1"
     assert route.requires_grad
     loss.backward()
@@ -243,6 +382,33 @@ def test_frozen_copies_never_change_and_copies_share_no_storage(
     source_ptrs = {t.data_ptr() for t in tiny_resnet_source.state_dict().values() if t.numel()}
     assert not ptrs & frozen_ptrs and not ptrs & source_ptrs and not frozen_ptrs & source_ptrs
     _assert_same_state(tiny_resnet_source, source_before)
+
+
+def test_one_training_step_on_efficientnet_moves_only_tuned_copies_policy_and_head(
+    efficientnet_source: pt.LayeredNet,
+) -> None:
+    method, model = _build("spottune", efficientnet_source)
+    before = _snapshot(model)
+    model.train()
+    keep_frozen_batchnorm(model)  # as the trainer does
+    groups = method.param_groups(model)
+    optimizer = torch.optim.SGD([{"params": g["params"], "lr": 0.1 * g.get("lr_mult", 1.0)} for g in groups])
+    torch.manual_seed(0)
+    x, y = _inputs(8, shape=SMALL), torch.arange(8) % 5
+    loss = method.loss_terms(model, x, y)["task"]
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    moved = {k for k, v in before.items() if not torch.equal(after[k], v)}
+    assert all(k.startswith(("tuned.", "policy.", "net.head.")) or k == "usage" for k in moved), moved
+    # the frozen copies, their BatchNorm statistics included, are bitwise what they were
+    _assert_same_state(
+        model.net.blocks, {k[len("net.blocks.") :]: v for k, v in before.items() if "blocks." in k}
+    )
+    assert {"net.head.weight", "net.head.bias", "policy.logits.weight"} <= moved
+    assert any(k.startswith("tuned.") and k.endswith(".weight") for k in moved)
+    for key in model.tuned:  # every fine-tuned copy ran (both paths in training): its statistics moved
+        assert any(k.startswith(f"tuned.{key}.") and k.endswith("running_mean") for k in moved), key
 
 
 def test_freeze_first_blocks_always_take_the_frozen_copy(tiny_resnet_source: pt.LayeredNet) -> None:
@@ -395,7 +561,7 @@ def test_global_variant_settles_on_k_blocks_and_exports_them(
     assert type(compact) is pt.LayeredNet and not compact.training
     with torch.no_grad():
         torch.testing.assert_close(compact(x), logits)
-    chosen_blocks = {model.routed[j] for j in chosen}
+    chosen_blocks = {model.routed[j][0] for j in chosen}
     for i, block in enumerate(compact.blocks):
         reference = model.tuned[str(i)] if i in chosen_blocks else model.net.blocks[i]
         state, ref = block.state_dict(), reference.state_dict()
@@ -407,6 +573,44 @@ def test_global_variant_settles_on_k_blocks_and_exports_them(
             block_t.data_ptr() != ref_t.data_ptr() for block_t, ref_t in zip(state.values(), ref.values())
         )
     expected_params = sum(p.numel() for p in tiny_resnet_source.blocks.parameters()) + sum(
+        p.numel() for p in model.net.head.parameters()
+    )
+    assert sum(p.numel() for p in compact.parameters()) == expected_params
+
+
+def test_global_export_on_efficientnet_gives_the_global_route_logits(
+    efficientnet_source: pt.LayeredNet,
+) -> None:
+    method, model = _build("spottune_global", efficientnet_source)
+    assert method.k == 3 and model.eval_route == "global"
+    _perturb_tuned(model)
+    wanted = [(4, 1), (4, 2), (6, 3)]  # two children of one stage, the last child of another
+    usage = torch.zeros(len(model.routed) + 1)
+    for unit in wanted:
+        usage[model.routed.index(unit)] = 5.0
+    usage[-1] = 6.0
+    model.usage.copy_(usage)
+    method.settle(model)
+    assert [u for u, use in zip(model.routed, model.global_route.tolist(), strict=True) if use] == wanted
+    model.eval()
+    model.policy.forward = _raise  # no policy at test time
+    x = _inputs(5, shape=SMALL)
+    with torch.no_grad():
+        logits = model(x)
+        compact = method.export(model)
+        assert type(compact) is type(efficientnet_source) and not compact.training
+        assert torch.equal(compact(x), logits)
+        assert not torch.allclose(logits, model(x, route=torch.zeros(5, len(model.routed))))
+    _assert_examples_differ(logits)
+    for i, block in enumerate(compact.blocks):
+        frozen = model.net.blocks[i]
+        assert block is not frozen
+        for j, sub in enumerate(block):
+            reference = model.tuned[f"{i}_{j}"] if (i, j) in wanted else frozen[j]
+            state, ref = sub.state_dict(), reference.state_dict()
+            assert state.keys() == ref.keys() and all(torch.equal(state[n], ref[n]) for n in ref), (i, j)
+            assert not {t.data_ptr() for t in state.values()} & {t.data_ptr() for t in ref.values()}
+    expected_params = sum(p.numel() for p in efficientnet_source.blocks.parameters()) + sum(
         p.numel() for p in model.net.head.parameters()
     )
     assert sum(p.numel() for p in compact.parameters()) == expected_params
@@ -475,7 +679,7 @@ def test_run_diagnostics_fraction_and_histogram_agree(
 
 def test_wrapped_model_routes_through_hooks(tiny_wrapped_source: pt.LayeredNet) -> None:
     _, model = _build("spottune", tiny_wrapped_source)
-    assert isinstance(model, SpotTuneNet) and model.routed == [0, 1]
+    assert isinstance(model, SpotTuneNet) and model.routed == [(0, None), (1, None)]
     _perturb(model.tuned)
     model.eval()
     x = _inputs(4)

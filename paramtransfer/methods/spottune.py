@@ -15,6 +15,15 @@ the examples routed through it. The frozen blocks keep their BatchNorm statistic
 let them train; we do not, a frozen block is frozen). The modules of a wrapped model that are neither
 a named block nor the head are frozen like the frozen copies (weights and BatchNorm statistics).
 
+What is routed (:func:`routable_blocks`) are *units* ``(i, j)``: block ``i`` whole (``j`` None: the basic
+blocks of ResNet-20, the inverted residuals of MobileNetV2/V3, every named block of a wrapped model) or
+child ``j`` of block ``i`` where block ``i`` is a stage (an ``nn.Sequential``) of residual blocks
+(EfficientNet-Lite0, torchvision's ResNets and EfficientNets). The nets that list their residual blocks
+(``residual_blocks()``) have only those with an identity shortcut routed, the blocks of Eq. 2 (``F(x) +
+x``, or ``relu(F(x) + x)`` in a ResNet; the copies' outputs are mixed as above). ResNet-20 keeps
+routing all its basic blocks (those that downsample copy their 1x1 shortcut too), as it always did.
+A stage holding routed children runs them one by one.
+
 ``spottune_global`` (Sec. 3.3) adds ``lambda_1 l_k + lambda_2 l_e`` (Eqs. 5-7) on the fraction ``v_l``
 of a batch routed to ``F^_l``; after training every example follows one global policy (the k blocks
 most used by the last epoch's training examples), the policy network is not needed at test time,
@@ -34,9 +43,14 @@ from torch import nn
 from paramtransfer.errors import UserError
 from paramtransfer.methods.base import Method, MethodConfig, register_method, transfer_copy
 from paramtransfer.models.layered import LayeredNet
+from paramtransfer.models.tvmodels import TORCHVISION_ARCHS
 from paramtransfer.models.zoo import BasicBlock, GlobalPool
 
 ROUTES = ("policy", "finetuned", "frozen")
+# the architectures with residual blocks SpotTune can route; "wrapped": every named block of a user's model
+RESIDUAL_ARCHS = ("resnet20", "efficientnet_lite0", *TORCHVISION_ARCHS)
+
+Unit = tuple[int, int | None]  # a routed unit: block i whole (j None), or child j of block i (a stage)
 
 
 @dataclass
@@ -125,49 +139,89 @@ class PolicyNet(nn.Module):
         return self.logits(self.features(x)).view(-1, self.num_blocks, 2)
 
 
-def routable_blocks(net: LayeredNet) -> list[int]:
-    """The blocks SpotTune routes: residual blocks of zoo nets; every named block of a wrapped model."""
+def routable_blocks(net: LayeredNet) -> list[Unit]:
+    """The units SpotTune routes, ``(i, j)`` in network order: ``j`` None routes block ``i`` whole, else the
+    ``j``-th child of block ``i`` (an ``nn.Sequential`` stage).
+
+    * a wrapped model: every named block, whole (hooks mix the copies in);
+    * a net with ``residual_blocks()`` (EfficientNet-Lite0, torchvision's ResNets, MobileNets and
+      EfficientNets): its residual blocks with an identity shortcut;
+    * otherwise (ResNet-20 of the zoo): every ``BasicBlock`` block, whole.
+    """
     if not net.sequential:
-        return list(range(net.num_blocks))
-    return [i for i, b in enumerate(net.blocks) if isinstance(b, BasicBlock)]
+        return [(i, None) for i in range(net.num_blocks)]
+    residual = getattr(net, "residual_blocks", None)
+    if callable(residual):
+        units: list[Unit] = [(i, j) for i, j, _ in residual()]
+        for i, j in units:
+            if j is not None and not isinstance(net.blocks[i], nn.Sequential):
+                raise ValueError(f"block {i} of {net.arch} holds a routed child but is no nn.Sequential")
+        return units
+    return [(i, None) for i, b in enumerate(net.blocks) if isinstance(b, BasicBlock)]
+
+
+def unit_key(unit: Unit) -> str:
+    """The name of a unit's fine-tuned copy in ``SpotTuneNet.tuned`` (ModuleDict keys hold no '.')."""
+    i, j = unit
+    return str(i) if j is None else f"{i}_{j}"
+
+
+def unit_label(unit: Unit) -> int | list[int]:
+    """A unit for JSON: ``i`` for a whole block (as results of ResNet-20 always read), ``[i, j]`` else."""
+    i, j = unit
+    return i if j is None else [i, j]
 
 
 class SpotTuneNet(nn.Module):
-    """Frozen source blocks, trainable copies of the routed ones, a policy network and a new head.
+    """Frozen source blocks, trainable copies of the routed units, a policy network and a new head.
 
-    ``net`` is the source with a fresh head (trainable) and frozen blocks; ``tuned[str(l)]`` is the
-    trainable copy of block ``l``. ``route`` (optional ``[B, len(routed)]`` in {0, 1}) overrides the
-    policy, which tests and the global variant use.
+    ``net`` is the source with a fresh head (trainable) and frozen blocks; ``routed`` lists the units
+    ``(i, j)`` (see :func:`routable_blocks`) and ``tuned[unit_key(u)]`` is the trainable copy of unit ``u``
+    (``tuned["3"]`` for block 3 whole, ``tuned["3_1"]`` for child 1 of stage 3). ``route`` (optional
+    ``[B, len(routed)]`` in {0, 1}) overrides the policy, which tests and the global variant use.
     """
 
     def __init__(
-        self, net: LayeredNet, routed: list[int], policy: PolicyNet, tau: float, noise: float = 1.0
+        self, net: LayeredNet, routed: list[Unit], policy: PolicyNet, tau: float, noise: float = 1.0
     ) -> None:
         super().__init__()
         self.net = net
-        self.routed = list(routed)
-        self.tuned = nn.ModuleDict({str(i): copy.deepcopy(net.blocks[i]) for i in routed})
+        self.routed: list[Unit] = [(int(i), None if j is None else int(j)) for i, j in routed]
+        self.tuned = nn.ModuleDict({unit_key(u): copy.deepcopy(self._frozen(u)) for u in self.routed})
         for p in self.tuned.parameters():
             p.requires_grad_(True)
         net.freeze_blocks(range(net.num_blocks))  # and a wrapped model's un-named part (LayeredNet)
+        # the forward's plan: block i -> column of the route (routed whole) or {child j: column}
+        self._whole: dict[int, int] = {}
+        self._inner: dict[int, dict[int, int]] = {}
+        for col, (i, j) in enumerate(self.routed):
+            if j is None:
+                self._whole[i] = col
+            else:
+                self._inner.setdefault(i, {})[j] = col
         self.policy = policy
         self.register_buffer("tau", torch.tensor(float(tau)))
         self.register_buffer("noise", torch.tensor(float(noise)))
         self.register_buffer("epochs_done", torch.tensor(0))
         # the global variant: usage of each fine-tuned copy over an epoch, and the policy it settles on
-        self.register_buffer("usage", torch.zeros(len(routed) + 1))  # sums per block, then the count
+        self.register_buffer("usage", torch.zeros(len(routed) + 1))  # sums per unit, then the count
         self.register_buffer("global_route", torch.zeros(len(routed)))
         self.eval_route = "policy"  # or "finetuned", "frozen", "global"
         self.min_frozen = 0
         self.route: torch.Tensor | None = None  # the last decisions, with gradient in training
         self._route: torch.Tensor | None = None
         if not net.sequential:  # a wrapped model runs its own forward; hooks mix in the tuned copies
-            for j, i in enumerate(self.routed):
+            for col, (i, _) in enumerate(self.routed):
                 block = net.blocks[i]
                 # plain attributes (not submodules): a deep copy of the model then points at the copy
                 object.__setattr__(block, "_spottune_owner", self)
-                object.__setattr__(block, "_spottune_index", j)
+                object.__setattr__(block, "_spottune_index", col)
                 block.register_forward_hook(_mix_hook)
+
+    def _frozen(self, unit: Unit) -> nn.Module:
+        """The frozen source module of a unit."""
+        i, j = unit
+        return self.net.blocks[i] if j is None else self.net.blocks[i][j]
 
     def decide(self, x: torch.Tensor) -> torch.Tensor:
         """``I(x)``: ``[B, L]`` in {0, 1}; straight-through Gumbel samples in training, argmax otherwise."""
@@ -201,8 +255,15 @@ class SpotTuneNet(nn.Module):
                 self._route = None
         h = x
         for i, block in enumerate(self.net.blocks):
-            j = self.routed.index(i) if i in self.routed else None
-            h = block(h) if j is None else self._mix(block, self.tuned[str(i)], h, route[:, j])
+            if i in self._whole:
+                h = self._mix(block, self.tuned[str(i)], h, route[:, self._whole[i]])
+            elif i in self._inner:  # a stage: its children one by one, the routed ones mixed
+                cols = self._inner[i]
+                for j, sub in enumerate(block):
+                    col = cols.get(j)
+                    h = sub(h) if col is None else self._mix(sub, self.tuned[f"{i}_{j}"], h, route[:, col])
+            else:
+                h = block(h)
         return self.net.head(self.net.neck(h))
 
     def _mix(self, frozen: nn.Module, tuned: nn.Module, h: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
@@ -242,9 +303,9 @@ def _mix_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.T
     owner: SpotTuneNet = module._spottune_owner  # type: ignore[assignment]
     if owner._route is None:
         return None
-    j = module._spottune_index
-    tuned = owner.tuned[str(owner.routed[j])]
-    w = owner._route[:, j].view(-1, *([1] * (output.dim() - 1)))
+    col = module._spottune_index
+    tuned = owner.tuned[unit_key(owner.routed[col])]
+    w = owner._route[:, col].view(-1, *([1] * (output.dim() - 1)))
     return w * tuned(inputs[0]) + (1 - w) * output
 
 
@@ -259,7 +320,7 @@ class SpotTune(Method):
     """SpotTune (Guo et al. 2019), per-example policy; see the module docstring."""
 
     Config = SpotTuneConfig
-    supported_archs = ("resnet20", "wrapped")
+    supported_archs = (*RESIDUAL_ARCHS, "wrapped")
     arch_advice = " (SpotTune routes residual blocks)"
 
     def build(
@@ -326,7 +387,7 @@ class SpotTune(Method):
         route = self.routes(model, task.test)
         used = route.sum(1).long()
         return {
-            "routed_blocks": model.routed,
+            "routed_blocks": [unit_label(u) for u in model.routed],
             "finetune_fraction": route.mean(0).tolist(),
             "blocks_used_histogram": torch.bincount(used, minlength=len(model.routed) + 1).tolist(),
             "tau_final": float(model.tau),
@@ -401,20 +462,19 @@ class SpotTuneGlobal(SpotTune):
         model.global_route[chosen] = 1.0
 
     def export(self, model: nn.Module) -> nn.Module:
-        """A plain LayeredNet: the source blocks, with the chosen fine-tuned copies in place."""
+        """The source net (a deep copy, of its own class), with the chosen fine-tuned copies in place:
+        a routed block replaced whole, a routed child inside a copy of its stage."""
         net: LayeredNet = model.net
         if not net.sequential:
             return model  # a wrapped model's blocks cannot be swapped without rewriting it
-        chosen = {i for i, use in zip(model.routed, model.global_route.tolist(), strict=True) if use > 0.5}
-        blocks = [copy.deepcopy(model.tuned[str(i)] if i in chosen else b) for i, b in enumerate(net.blocks)]
-        compact = LayeredNet(
-            blocks,
-            copy.deepcopy(net.head),
-            copy.deepcopy(net.neck),
-            arch=net.arch,
-            in_shape=net.in_shape,
-            arch_kwargs=net.arch_kwargs,
-        )
+        compact = copy.deepcopy(net)
+        for (i, j), use in zip(model.routed, model.global_route.tolist(), strict=True):
+            if use > 0.5:
+                tuned = copy.deepcopy(model.tuned[unit_key((i, j))])
+                if j is None:
+                    compact.blocks[i] = tuned
+                else:
+                    compact.blocks[i][j] = tuned
         return compact.eval()
 
     def diagnostics(self, model: nn.Module, task: Any) -> dict[str, Any]:
