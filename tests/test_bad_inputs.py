@@ -567,11 +567,8 @@ CASES: list[Case] = [
         ),
         "arch. options",
     ),
-    Case(
-        "ptu-on-efficientnet",
-        _plain(*RUN, "--method", "ptu", "--source", "imagenet", "--arch", "efficientnet_lite0"),
-        "not on efficientnet_lite0",
-    ),
+    Case("ptu-unknown-target-init", _methods_on_saved("ptu[target_init=imagenet]"), "target_init"),
+    Case("ptu-fixed-gates-text", _methods_on_saved("ptu[fixed_gates=sometimes]"), "fixed_gates"),
     Case(
         "spottune-freeze-first-beyond-efficientnet",
         _plain(

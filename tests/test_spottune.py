@@ -616,6 +616,28 @@ def test_global_export_on_efficientnet_gives_the_global_route_logits(
     assert sum(p.numel() for p in compact.parameters()) == expected_params
 
 
+def test_global_policy_starts_even_and_its_losses_wait_for_the_warmup(
+    tiny_resnet_source: pt.LayeredNet, tiny_task: pt.Task
+) -> None:
+    method, model = _build("spottune_global", tiny_resnet_source, warmup_epochs=1)
+    x = tiny_task.train.x[:6]
+    with torch.no_grad():  # zero output layer: every block 50/50 for every image
+        assert torch.equal(model.policy(x), torch.zeros(6, ROUTED, 2))
+    _, random_model = _build("spottune_global", tiny_resnet_source, policy_init="random")
+    with torch.no_grad():
+        assert random_model.policy(x).abs().sum() > 0
+    model.train()
+    assert float(method.loss_terms(model, x, tiny_task.train.y[:6])["policy"]) == 0.0  # epoch 0: warm-up
+    model.epochs_done += 1
+    terms = method.loss_terms(model, x, tiny_task.train.y[:6])
+    l_k, l_e = global_losses(model.route, method.k)
+    assert float(terms["policy"]) == pytest.approx(float(l_k + l_e)) and float(terms["policy"]) > 0
+    # the warm-up follows the model's epoch counter, so a resumed run continues it
+    model.epochs_done.zero_()
+    out = fit(model, method, tiny_task, TrainConfig(epochs=2, batch_size=8, lr=0.1, patience=None), seed=0)
+    assert [rec["train_policy"] == 0.0 for rec in out.history] == [True, False]
+
+
 def test_global_settle_by_hand(tiny_resnet_source: pt.LayeredNet) -> None:
     method, model = _build("spottune_global", tiny_resnet_source, freeze_first=2)
     # usage sums over an epoch of 10 examples; the first two blocks may never be chosen
@@ -729,6 +751,9 @@ def test_wrapped_model_survives_deepcopy(tiny_wrapped_source: pt.LayeredNet) -> 
         ("spottune", {"eval_route": "sometimes"}, "use one of policy, finetuned, frozen"),
         ("spottune", {"eval_route": "global"}, "eval_route='global'"),
         ("spottune", {"no_such_option": 1}, "no option 'no_such_option'"),
+        ("spottune_global", {"warmup_epochs": -1}, "warmup_epochs must be a whole number"),
+        ("spottune_global", {"warmup_epochs": 1.5}, "warmup_epochs must be a whole number"),
+        ("spottune_global", {"policy_init": "ones"}, "policy_init='ones'"),
     ],
 )
 def test_config_errors(spec: str, options: dict, message: str) -> None:

@@ -47,6 +47,7 @@ from paramtransfer.models.tvmodels import TORCHVISION_ARCHS
 from paramtransfer.models.zoo import BasicBlock, GlobalPool
 
 ROUTES = ("policy", "finetuned", "frozen")
+POLICY_INITS = ("zero", "random")
 # the architectures with residual blocks SpotTune can route; "wrapped": every named block of a user's model
 RESIDUAL_ARCHS = ("resnet20", "efficientnet_lite0", *TORCHVISION_ARCHS)
 
@@ -400,11 +401,23 @@ class SpotTuneGlobalConfig(SpotTuneConfig):
     k: number of blocks to fine-tune (Eq. 5); None: a third of the routed blocks (3 of ResNet-20's 9).
     lambda_k: weight of ``l_k = (sum_l v_l - k)^2`` (Eq. 7, lambda_1).
     lambda_e: weight of ``l_e = sum_l -v_l log v_l`` (Eq. 7, lambda_2).
+    warmup_epochs: the first epochs train with ``lambda_k = lambda_e = 0`` (plain SpotTune), so that the
+        policy's usage reflects the target before the losses of Eqs. 5-7 harden it.
+    policy_init: ``"zero"``: the policy's output layer starts at zero (every block fine-tuned with
+        probability 1/2 for every image), so that which blocks win is decided by the target's gradients;
+        ``"random"``: PyTorch's default initialisation (SpotTune's).
+
+    Why the two defaults (``benchmarks/spottune/README.md``): with a random policy and the losses from the
+    first step, the entropy term ``l_e`` sharpens whatever usage the initialisation happens to give, so
+    the k blocks kept were the same on two different targets for a given seed (and the test accuracy
+    varied by ±10 points over seeds).
     """
 
     k: int | None = None
     lambda_k: float = 1.0
     lambda_e: float = 1.0
+    warmup_epochs: int = 5
+    policy_init: str = "zero"
     eval_route: str = "global"  # the learned global policy; no policy network at test time
     routes: ClassVar[tuple[str, ...]] = (*ROUTES, "global")
 
@@ -414,6 +427,18 @@ class SpotTuneGlobalConfig(SpotTuneConfig):
             raise UserError(f"spottune_global k must be a whole number >= 0 (got {self.k!r})")
         if self.lambda_k < 0 or self.lambda_e < 0:
             raise UserError("spottune_global lambda_k and lambda_e must be >= 0")
+        if (
+            isinstance(self.warmup_epochs, bool)
+            or not isinstance(self.warmup_epochs, int)
+            or self.warmup_epochs < 0
+        ):
+            raise UserError(
+                f"spottune_global warmup_epochs must be a whole number >= 0 (got {self.warmup_epochs!r})"
+            )
+        if self.policy_init not in POLICY_INITS:
+            raise UserError(
+                f"spottune_global policy_init={self.policy_init!r}: use {' or '.join(POLICY_INITS)}"
+            )
 
 
 def global_losses(route: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -442,13 +467,18 @@ class SpotTuneGlobal(SpotTune):
         self.k = c.k if c.k is not None else min(free, max(1, len(model.routed) // 3))
         if self.k > free:
             raise UserError(f"spottune_global k={self.k} exceeds the {free} blocks it may fine-tune")
+        if c.policy_init == "zero":
+            with torch.no_grad():
+                model.policy.logits.weight.zero_()
+                model.policy.logits.bias.zero_()
         return model
 
     def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         c: SpotTuneGlobalConfig = self.config  # type: ignore[assignment]
         task = F.cross_entropy(model(x), y)
         l_k, l_e = global_losses(model.route, self.k)
-        return {"task": task, "policy": c.lambda_k * l_k + c.lambda_e * l_e}
+        on = 0.0 if int(model.epochs_done) < c.warmup_epochs else 1.0  # the buffer resumes with the model
+        return {"task": task, "policy": on * (c.lambda_k * l_k + c.lambda_e * l_e)}
 
     def settle(self, model: nn.Module) -> None:
         count = float(model.usage[-1])
