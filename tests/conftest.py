@@ -17,7 +17,10 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory):
     os.environ["PARAMTRANSFER_HOME"] = str(tmp_path_factory.mktemp("pt_home"))
     # "auto" means the CPU in the suite (its checks compare with CPU tensors); tests marked gpu ask for cuda
     os.environ["PARAMTRANSFER_DEVICE"] = "cpu"
-    torch.set_num_threads(2)
+    # two threads (this machine's cores) unless OMP_NUM_THREADS asks for fewer, e.g. beside a benchmark:
+    # OpenMP threads that outnumber the free cores spin-wait and slow every process on the machine
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(wanted) if wanted.isdigit() and int(wanted) > 0 else 2)
     yield
     if old is None:
         os.environ.pop("PARAMTRANSFER_HOME", None)
