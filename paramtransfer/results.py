@@ -120,7 +120,37 @@ def select(runs: list[RunResult]) -> dict[str, dict[str, Any]]:
                 entry["corrected_fraction"] = _mean_std(
                     [r.diagnostics["corrected_fraction"] for r in chosen]
                 )[0]
+            entry.update(_diagnostic_means(chosen))
         out[variant] = entry
+    return out
+
+
+# DTNH's conflict sizes (methods/dtnh.py SIZE_NAMES), averaged over the seeds of the chosen learning rate
+_DTNH_SIZES = ("mean_reg_task_norm_ratio", "mean_cosine", "mean_removed_ratio_corrected")
+
+
+def _diagnostic_means(chosen: list[RunResult]) -> dict[str, Any]:
+    """Means over seeds of what a table shows besides accuracy: DTNH's conflict sizes, and the mean PTU
+    gates per unit (``gate_layers``, ``gate_r``, ``gate_z``). Keys missing from any run are left out."""
+    out: dict[str, Any] = {}
+    diags = [r.diagnostics for r in chosen]
+    for key in _DTNH_SIZES:
+        values = [d.get(key) for d in diags]
+        if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = sum(values) / len(values)
+    gates = [d.get("gates") for d in diags]
+    if gates and all(isinstance(g, dict) for g in gates):
+        layers = gates[0].get("layers")
+        if isinstance(layers, list) and all(g.get("layers") == layers for g in gates):
+            try:
+                for name in ("r", "z"):
+                    out[f"gate_{name}"] = [
+                        sum(float(g[name][j]) for g in gates) / len(gates) for j in range(len(layers))
+                    ]
+                out["gate_layers"] = layers
+            except (KeyError, IndexError, TypeError, ValueError):
+                out.pop("gate_r", None)
+                out.pop("gate_z", None)
     return out
 
 

@@ -160,3 +160,49 @@ def test_load_results_never_uses_a_damaged_results_json_or_mixes_settings(tmp_pa
     bad = _run_file(d, {}, "c", content="{")
     with pytest.raises(UserError, match=re.escape(str(bad))):
         load_results(d)
+
+
+def test_selection_averages_gates_and_conflict_sizes_over_the_chosen_seeds() -> None:
+    from paramtransfer.results import RunResult, select
+
+    def result(method: str, seed: int, lr: float, val: float, diagnostics: dict) -> RunResult:
+        return RunResult.from_dict(
+            {
+                "method": method,
+                "source": "s",
+                "target": "t",
+                "arch": "lenet",
+                "seed": seed,
+                "config": {"lr": lr},
+                "val_accuracy": val,
+                "test_accuracy": 0.5,
+                "history": [],
+                "wall_time_s": 1.0,
+                "diagnostics": diagnostics,
+            }
+        )
+
+    sizes = {"corrected_fraction": 0.5, "mean_reg_task_norm_ratio": 0.2, "mean_cosine": -0.1}
+    runs = [
+        result("ptu", 0, 0.1, 0.9, {"gates": {"layers": [1, 3], "r": [0.2, 0.4], "z": [0.6, 0.8]}}),
+        result("ptu", 1, 0.1, 0.9, {"gates": {"layers": [1, 3], "r": [0.4, 0.6], "z": [0.8, 1.0]}}),
+        result("ptu", 0, 0.01, 0.1, {"gates": {"layers": [1, 3], "r": [0.0, 0.0], "z": [0.0, 0.0]}}),
+        result("dtnh:l2sp", 0, 0.1, 0.9, {**sizes, "mean_removed_ratio_corrected": 0.01}),
+        result(
+            "dtnh:l2sp", 1, 0.1, 0.9, {**sizes, "mean_cosine": -0.3, "mean_removed_ratio_corrected": 0.03}
+        ),
+    ]
+    selected = select(runs)
+    ptu = selected["ptu"]  # the other learning rate's gates are not mixed in
+    assert ptu["gate_layers"] == [1, 3]
+    assert ptu["gate_r"] == pytest.approx([0.3, 0.5]) and ptu["gate_z"] == pytest.approx([0.7, 0.9])
+    dtnh = selected["dtnh:l2sp"]
+    assert dtnh["mean_cosine"] == pytest.approx(-0.2) and dtnh[
+        "mean_removed_ratio_corrected"
+    ] == pytest.approx(0.02)
+    table = comparison_table({"config": {}, "selected": selected})
+    assert "z 0.70 0.90, r 0.30 0.50" in table and "removed 0.02 × ‖∇J‖" in table
+    # runs recorded before the sizes existed show no such note
+    old = select([result("dtnh:l2sp", 0, 0.1, 0.9, {"corrected_fraction": 0.5})])
+    assert "mean_cosine" not in old["dtnh:l2sp"]
+    assert "removed" not in comparison_table({"config": {}, "selected": old})

@@ -121,6 +121,20 @@ def _notes(
         notes.append(f"{gain:+.2f} points vs {label(base_name)}")
     if "corrected_fraction" in entry:
         notes.append(f"gradients conflicted in {100 * entry['corrected_fraction']:.0f} % of steps")
+    if "mean_removed_ratio_corrected" in entry:
+        notes.append(
+            f"‖λ∇Ω‖/‖∇J‖ = {entry['mean_reg_task_norm_ratio']:.2g}, cos = {entry['mean_cosine']:+.2f}; "
+            f"a correction removed {entry['mean_removed_ratio_corrected']:.2g} × ‖∇J‖"
+        )
+    if "gate_z" in entry:
+        notes.append(
+            "mean gates per unit (blocks "
+            + ", ".join(str(i) for i in entry["gate_layers"])
+            + "): z "
+            + " ".join(f"{v:.2f}" for v in entry["gate_z"])
+            + ", r "
+            + " ".join(f"{v:.2f}" for v in entry["gate_r"])
+        )
     scratch = selected.get("scratch")
     if (
         ok
