@@ -42,6 +42,15 @@ IMAGENET_TARGETS = {
     "streamed_over_memory",
 }
 SWEEP = [f"finetune[freeze={level}]" for level in range(1, 9)]  # EfficientNet-Lite0 has 9 blocks
+NET_STEP_METHODS = ["ptu", "l2sp", "dtnh:l2sp"]  # the fixture's short list (finetune comes first anyway)
+NET_STEP_KEYS = (
+    "train_step_ms",
+    "eval_ms",
+    "train_step_ratio",
+    "eval_ratio",
+    "dtnh_over_base",
+    "step_settings",
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +78,8 @@ def suite(tmp_path_factory: pytest.TempPathFactory, one_thread) -> tuple[dict, o
 @pytest.fixture(scope="module")
 def imagenet_suite(one_thread) -> dict:
     """The whole suite with its EfficientNet-Lite0 rows at tiny sizes: 32 px, one round, 8-example
-    batches, 16 + 8 images in the fits, 30 JPEGs of 16 px (the LeNet part minimal, no memory children)."""
+    batches, 16 + 8 images in the fits, 30 JPEGs of 16 px, single steps of three methods besides
+    finetune after one warm-up step (the LeNet part minimal, no memory children)."""
     tiny = {
         "TRAINER_EXAMPLES": 16,
         "WARMUP": 0,
@@ -81,6 +91,8 @@ def imagenet_suite(one_thread) -> dict:
         "IMAGENET_EPOCHS": 1,
         "FOLDER_FILES": 30,
         "FOLDER_IMAGE_SIZE": 16,
+        "IMAGENET_STEP_METHODS": NET_STEP_METHODS,
+        "IMAGENET_STEP_WARMUP": 1,
     }
     with pytest.MonkeyPatch.context() as mp:
         for name, value in tiny.items():
@@ -345,8 +357,155 @@ def test_imagenet_targets_are_judged_from_the_section(imagenet_suite):
 
 def test_imagenet_progress_lines_name_each_row(imagenet_suite):
     log = "\n".join(imagenet_suite["log"])
-    for phase in ("trainer vs bare loop", "whole fits of finetune", "streamed folder vs in memory"):
+    for phase in (
+        "trainer vs bare loop",
+        "whole fits of finetune",
+        "streamed folder vs in memory",
+        "training steps and evaluation passes of 3 methods (batch 8 of 3x32x32, 1 warm-up + 1 rounds",
+        "building ptu",
+    ):
         assert f"efficientnet_lite0: {phase}" in log
+
+
+# ---- the EfficientNet-Lite0 steps ----------------------------------------------------------------------
+
+
+def test_imagenet_steps_have_every_key_and_ratios_from_the_medians(imagenet_suite):
+    net = imagenet_suite["result"]["imagenet"]
+    for key in NET_STEP_KEYS:
+        assert key in net, key
+    specs = ["finetune", *NET_STEP_METHODS]
+    for key in ("train_step_ms", "eval_ms"):
+        assert list(net[key]) == specs
+        assert all(_positive(v) for v in net[key].values()), key
+    for raw, ratio in (("train_step_ms", "train_step_ratio"), ("eval_ms", "eval_ratio")):
+        ms = net[raw]
+        assert list(net[ratio]) == NET_STEP_METHODS  # finetune's is 1 by definition
+        for spec, value in net[ratio].items():
+            assert _positive(value)
+            assert value == pytest.approx(ms[spec] / ms["finetune"], rel=1e-12)
+    steps = net["train_step_ms"]
+    assert net["dtnh_over_base"] == {"l2sp": pytest.approx(steps["dtnh:l2sp"] / steps["l2sp"], rel=1e-12)}
+    assert net["step_settings"] == {
+        "methods": specs,
+        "batch": 8,
+        "input_shape": [3, 32, 32],
+        "warmup": 1,
+        "repeats": 1,  # min(repeats=1, IMAGENET_STEP_REPEATS)
+    }
+
+
+def test_step_targets_judge_efficientnet_beside_the_zoo_archs(imagenet_suite):
+    result = imagenet_suite["result"]
+    net = result["imagenet"]
+    ptu = result["targets"]["ptu_train_step_ratio"]
+    assert ptu["values"] == {"efficientnet_lite0": net["train_step_ratio"]["ptu"]}  # lenet ran finetune only
+    assert ptu["met"] is (net["train_step_ratio"]["ptu"] <= 1.8)
+    l2sp = result["targets"]["dtnh_over_l2sp"]
+    assert l2sp["values"] == {"efficientnet_lite0": net["dtnh_over_base"]["l2sp"]}
+    assert result["targets"]["dtnh_over_knowdist"]["values"] == {}  # not in the short list
+
+
+@pytest.mark.parametrize(
+    ("net_steps", "net_dtnh", "met"),
+    [
+        ({"ptu": 1.7}, {"l2sp": 1.05, "knowdist": 1.4}, [True, True, True]),
+        ({"ptu": 1.9}, {"l2sp": 1.2, "knowdist": 1.6}, [False, False, False]),  # EfficientNet alone fails
+        ({}, {}, [True, True, True]),  # not measured there: the zoo archs alone
+    ],
+)
+def test_step_targets_take_the_efficientnet_values_on_hand_made_results(net_steps, net_dtnh, met):
+    result = {
+        "train_step_ratio": {"lenet": {"ptu": 1.5}, "resnet20": {"ptu": 1.6}},
+        "dtnh_over_base": {"lenet": {"l2sp": 1.0, "knowdist": 1.2}, "resnet20": {"l2sp": 1.05}},
+        "trainer_over_bare_loop": 1.0,
+        "imagenet": {"train_step_ratio": net_steps, "dtnh_over_base": net_dtnh},
+    }
+    targets = speedsuite._targets(result)
+    names = ["ptu_train_step_ratio", "dtnh_over_l2sp", "dtnh_over_knowdist"]
+    assert [targets[n]["met"] for n in names] == met
+    net = {"ptu": net_steps.get("ptu"), "l2sp": net_dtnh.get("l2sp"), "knowdist": net_dtnh.get("knowdist")}
+    expected = {
+        "ptu_train_step_ratio": {"lenet": 1.5, "resnet20": 1.6},
+        "dtnh_over_l2sp": {"lenet": 1.0, "resnet20": 1.05},
+        "dtnh_over_knowdist": {"lenet": 1.2},
+    }
+    for name, key in zip(names, ("ptu", "l2sp", "knowdist"), strict=True):
+        extra = {"efficientnet_lite0": net[key]} if net[key] is not None else {}
+        assert targets[name]["values"] == {**expected[name], **extra}
+
+
+def test_every_imagenet_step_method_steps_on_efficientnet(monkeypatch, one_thread):
+    """The real IMAGENET_STEP_METHODS (PTU and its layer subset, both SpotTunes, the regularisers and
+    their DTNH variants) build on EfficientNet-Lite0 and take a step and an evaluation pass: batch 2,
+    32 px, one round without warm-up."""
+    monkeypatch.setattr(speedsuite, "IMAGENET_SIZE", 32)
+    monkeypatch.setattr(speedsuite, "IMAGENET_BATCH", 2)
+    monkeypatch.setattr(speedsuite, "IMAGENET_STEP_WARMUP", 0)
+    out = speedsuite.imagenet_step_ratios(repeats=1)
+    specs = list(dict.fromkeys(["finetune", *speedsuite.IMAGENET_STEP_METHODS]))
+    assert {"ptu", "ptu[layers=[2,4,6,7]]", "spottune", "spottune_global", "dtnh:delta"} <= set(specs)
+    assert list(out["train_step_ms"]) == list(out["eval_ms"]) == specs
+    assert all(_positive(v) for key in ("train_step_ms", "eval_ms") for v in out[key].values())
+    assert set(out["dtnh_over_base"]) == {"l2sp", "knowdist", "delta"}
+
+
+def test_a_bad_imagenet_step_method_fails_before_anything_is_measured(tmp_path, monkeypatch):
+    def must_not_measure(*args, **kwargs):
+        raise AssertionError("measured before validating")
+
+    monkeypatch.setattr(speedsuite, "measure_arch", must_not_measure)
+    monkeypatch.setattr(speedsuite, "IMAGENET_STEP_METHODS", ["finetune", "knn"])
+    with pytest.raises(UserError, match="does not train"):
+        run_speed_suite(
+            tmp_path / "r.json", archs=("lenet",), methods=["finetune"], repeats=1, progress=False
+        )
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_steppers_feed_efficientnet_its_imagenet_shape_at_the_run_size(monkeypatch):
+    """The source is built as the ImageNet source (1000 classes, 3x224x224); the method's model is built
+    for, and fed, the given input shape, channels-last as the trainer runs a conv net."""
+    import paramtransfer.bench.speed as speed
+
+    built: list[tuple] = []
+    seen: list[tuple] = []
+    real_build, real_make = speed.build_model, speed.make_method
+
+    def build_model(arch, num_classes, **kwargs):
+        built.append((arch, num_classes, kwargs.get("in_shape")))
+        return real_build(arch, num_classes, **kwargs)
+
+    def make_method(name, **options):
+        method = real_make(name, **options)
+        for attr in ("loss_terms", "predict"):
+            real = getattr(method, attr)
+
+            def record(model, x, *args, _real=real, _attr=attr, **kwargs):
+                seen.append((_attr, tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last)))
+                return _real(model, x, *args, **kwargs)
+
+            setattr(method, attr, record)
+        return method
+
+    monkeypatch.setattr(speed, "build_model", build_model)
+    monkeypatch.setattr(speed, "make_method", make_method)
+    train_step, eval_step = speed._steppers(
+        "finetune",
+        "efficientnet_lite0",
+        2,
+        0,
+        input_shape=(3, 32, 32),
+        source_in_shape=(3, 224, 224),
+        source_classes=1000,
+    )
+    train_step()
+    eval_step()
+    assert built[0] == ("efficientnet_lite0", 1000, (3, 224, 224))
+    assert seen == [("loss_terms", (2, 3, 32, 32), True), ("predict", (2, 3, 32, 32), True)]
+    built.clear()
+    speed._steppers("finetune", "lenet", 2, 0)  # the zoo archs: as before, 5 classes and their 1x28x28
+    assert built[0] == ("lenet", 5, None)
 
 
 @pytest.mark.parametrize(
@@ -446,6 +605,35 @@ def test_the_report_shows_the_imagenet_rows(imagenet_suite):
     for name in IMAGENET_TARGETS:  # the targets table lists them with their limits
         op, limit = TARGETS[name]
         assert f"| {name} | {op} {limit} | efficientnet_lite0 " in text
+    assert (
+        "efficientnet_lite0 at 32 px: one training step and one evaluation pass next to fine-tuning "
+        "(batch 8, median of 1 interleaved rounds, after 1 warm-up steps)" in text
+    )
+    assert "| method | train step (ms) | × FT | eval (ms) | × FT |" in text
+    steps, evals = net["train_step_ms"], net["eval_ms"]
+    assert f"| finetune | {steps['finetune']:.1f} | 1 | {evals['finetune']:.1f} | 1 |" in text
+    for spec in NET_STEP_METHODS:
+        row = (
+            f"| {spec} | {steps[spec]:.1f} | {net['train_step_ratio'][spec]:.2f} | "
+            f"{evals[spec]:.1f} | {net['eval_ratio'][spec]:.2f} |"
+        )
+        assert row in text
+    assert f"DTNH over its regulariser (training step): l2sp {net['dtnh_over_base']['l2sp']:.2f}." in text
+    assert (
+        f"| ptu_train_step_ratio | <= 1.8 | efficientnet_lite0 {net['train_step_ratio']['ptu']:.2f} |" in text
+    )
+
+
+def test_the_report_of_imagenet_rows_without_the_steps(imagenet_suite):
+    """A results.json from before the per-step rows: the whole fits as before, no step table."""
+    net = json.loads(json.dumps(imagenet_suite["result"]["imagenet"]))
+    for key in NET_STEP_KEYS:
+        del net[key]
+    text = speed_section({"imagenet": net})
+    assert "whole fits" in text and "FT-l sweep" in text
+    assert (
+        "one training step" not in text and "× FT |" not in text and "DTNH over its regulariser" not in text
+    )
 
 
 def test_the_report_without_the_imagenet_rows(suite):
@@ -461,7 +649,20 @@ def test_the_report_without_the_imagenet_rows(suite):
 
 @pytest.mark.parametrize(
     "imagenet",
-    [None, 3, "x", {}, {"fit_s": 3, "cached_prefix": [1]}, {"fit_s": {"finetune": "slow"}, "repeats": 2}],
+    [
+        None,
+        3,
+        "x",
+        {},
+        {"fit_s": 3, "cached_prefix": [1]},
+        {"fit_s": {"finetune": "slow"}, "repeats": 2},
+        {"train_step_ms": [1], "eval_ms": {"finetune": "fast"}, "dtnh_over_base": 2, "step_settings": 3},
+        {
+            "train_step_ratio": {"ptu": None},
+            "dtnh_over_base": {"l2sp": "x"},
+            "step_settings": {"input_shape": 5},
+        },
+    ],
 )
 def test_the_report_survives_odd_imagenet_rows(imagenet):
     text = speed_section({"imagenet": imagenet, "trainer_over_bare_loop": 1.0})

@@ -441,7 +441,8 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def _imagenet_speed(net: Any) -> list[str]:
     """The EfficientNet-Lite0 rows of ``bench speed`` (``data["imagenet"]``): every whole fit's time
-    next to FT-0's with the blocks it cached, then the four ratios. Nothing for results without them
+    next to FT-0's with the blocks it cached, then the four ratios, then (where measured) every method's
+    step next to fine-tuning's (:func:`_imagenet_steps`). Nothing for results without them
     (``--no-imagenet``, or measured before they existed); any key may be missing."""
     net = _dict(net)
     if not net:
@@ -476,4 +477,48 @@ def _imagenet_speed(net: Any) -> list[str]:
         f"streamed folder over in memory (training images per second): "
         f"{_num(net.get('streamed_over_memory'))}.",
     ]
+    return out + _imagenet_steps(net)
+
+
+def _imagenet_steps(net: dict[str, Any]) -> list[str]:
+    """The per-step rows of the EfficientNet-Lite0 section (``train_step_ms``, ``eval_ms`` and their
+    ratios to ``finetune``; ``dtnh_over_base``); nothing for results without them."""
+    train_ms, eval_ms = _dict(net.get("train_step_ms")), _dict(net.get("eval_ms"))
+    train_ratio, eval_ratio = _dict(net.get("train_step_ratio")), _dict(net.get("eval_ratio"))
+    dtnh = _dict(net.get("dtnh_over_base"))
+    specs = list(dict.fromkeys([*train_ms, *eval_ms, *train_ratio, *eval_ratio]))
+    if not specs and not dtnh:
+        return []
+    settings = _dict(net.get("step_settings"))
+    shape = settings.get("input_shape")
+    size = f" at {shape[-1]} px" if isinstance(shape, list) and shape else ""
+    what = []
+    if settings.get("batch") is not None:
+        what.append(f"batch {settings['batch']}")
+    if settings.get("repeats") is not None:
+        what.append(f"median of {settings['repeats']} interleaved rounds")
+    if settings.get("warmup") is not None:
+        what.append(f"after {settings['warmup']} warm-up steps")
+    out = [
+        "",
+        f"{net.get('arch', 'efficientnet_lite0')}{size}: one training step and one evaluation pass next to "
+        f"fine-tuning ({', '.join(what) or 'settings not recorded'})",
+    ]
+    if specs:
+        out += ["", "| method | train step (ms) | × FT | eval (ms) | × FT |", "|---|---|---|---|---|"]
+        for spec in specs:
+            ft = spec == "finetune"
+            step_x = "1" if ft else _num(train_ratio.get(spec))
+            eval_x = "1" if ft else _num(eval_ratio.get(spec))
+            out.append(
+                f"| {spec} | {_num(train_ms.get(spec), '.1f')} | {step_x} | "
+                f"{_num(eval_ms.get(spec), '.1f')} | {eval_x} |"
+            )
+    if dtnh:
+        out += [
+            "",
+            "DTNH over its regulariser (training step): "
+            + ", ".join(f"{base} {_num(v)}" for base, v in dtnh.items())
+            + ".",
+        ]
     return out

@@ -30,17 +30,36 @@ from paramtransfer.train.trainer import (
 )
 
 
-def _steppers(spec: str, arch: str, batch: int, seed: int) -> tuple[Callable[[], None], Callable[[], None]]:
+def _steppers(
+    spec: str,
+    arch: str,
+    batch: int,
+    seed: int,
+    *,
+    input_shape: Sequence[int] | None = None,
+    source_in_shape: Sequence[int] | None = None,
+    source_classes: int = 5,
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A training step and an evaluation pass of ``spec`` on ``arch``, each over one batch of ``batch``
+    random inputs (five classes), as the trainer runs them.
+
+    The source is ``build_model(arch, source_classes, in_shape=source_in_shape)`` (the zoo's default
+    1x28x28 when None), with random weights; the method builds its model for ``input_shape`` (default: the
+    source's), which is also the shape of the inputs, so a source can be fed inputs of another size than
+    its native one, as a run with ``image_size`` does (e.g. EfficientNet-Lite0 built for 3x224x224, fed
+    3x64x64)."""
     name, options = parse_method_spec(spec)
     options, arch_kwargs = split_arch_options(options)  # finetune[arch.depth=38]: a deeper source
-    source = build_model(arch, 5, seed=seed, **arch_kwargs)
+    source_shape = tuple(source_in_shape) if source_in_shape is not None else None
+    source = build_model(arch, source_classes, in_shape=source_shape, seed=seed, **arch_kwargs)
+    shape = tuple(input_shape) if input_shape is not None else tuple(source.in_shape)
     method = make_method(name, **options)
-    model = method.build(source, 5, arch=arch, in_shape=source.in_shape, seed=seed)
+    model = method.build(source, 5, arch=arch, in_shape=shape, seed=seed)
     channels_last = uses_channels_last(model, TrainConfig())
     if channels_last:
         model.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(seed)
-    x = to_memory_format(torch.randn(batch, *source.in_shape, generator=gen), channels_last)
+    x = to_memory_format(torch.randn(batch, *shape, generator=gen), channels_last)
     y = torch.randint(0, 5, (batch,), generator=gen)
     method.prepare(model, SimpleNamespace(train=Split(x, y)))  # x: model inputs already (no spec)
     optimizer = make_optimizer(method.param_groups(model), TrainConfig())
@@ -106,17 +125,30 @@ def measure_arch(
     warmup: int = 3,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    input_shape: Sequence[int] | None = None,
+    source_in_shape: Sequence[int] | None = None,
+    source_classes: int = 5,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds of one training step and of one evaluation pass of every spec on ``arch``.
 
     All models are built first; then the training steps of all specs are interleaved, then their
     evaluation passes. ``log`` (if given) receives one line per model built and per phase.
+    ``input_shape``, ``source_in_shape``, ``source_classes``: see :func:`_steppers` (the defaults: the
+    zoo's 1x28x28 source with five classes, fed inputs of its own shape).
     """
     pairs = {}
     for spec in specs:
         if log is not None:
             log(f"{arch}: building {spec}")
-        pairs[spec] = _steppers(spec, arch, batch, seed)
+        pairs[spec] = _steppers(
+            spec,
+            arch,
+            batch,
+            seed,
+            input_shape=input_shape,
+            source_in_shape=source_in_shape,
+            source_classes=source_classes,
+        )
     if log is not None:
         log(f"{arch}: timing training steps ({len(pairs)} methods x {repeats} repeats, interleaved)")
     train = _median_times({m: p[0] for m, p in pairs.items()}, repeats, warmup)

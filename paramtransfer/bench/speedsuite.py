@@ -18,8 +18,9 @@ calling process except the memory one:
 * **ImageNet-scale rows** (``imagenet=True``, the default): on EfficientNet-Lite0 at 64 px fed from raw
   1x28x28 uint8 images converted at batch time (as a Fashion-MNIST target is), the trainer over a bare
   loop that converts alike; whole fits of every FT-l (frozen-prefix cache on) and of the linear probe
-  over FT-0's; and a folder of JPEGs streamed from disk over the same folder in memory (see
-  :func:`imagenet_section`).
+  over FT-0's; a folder of JPEGs streamed from disk over the same folder in memory; and one training step
+  and one evaluation pass of PTU, SpotTune, the regularisers and their DTNH variants next to fine-tuning's
+  (batch 16 of 3x64x64 inputs; see :func:`imagenet_section`).
 
 Example:
     >>> from paramtransfer.bench.speedsuite import run_speed_suite
@@ -71,8 +72,10 @@ RSS_STEPS = 3  # training steps a memory child runs (the first allocates; later 
 WARMUP = 3
 NUM_CLASSES = 5
 
-# The ImageNet-scale rows (imagenet_section); about 5 minutes on one or two threads with the defaults
+# The ImageNet-scale rows (imagenet_section); about 6-7 minutes on one or two threads with the defaults
 IMAGENET_ARCH = "efficientnet_lite0"
+IMAGENET_SOURCE_SHAPE = (3, 224, 224)  # the ImageNet source's native input (its weights are random here)
+IMAGENET_SOURCE_CLASSES = 1000
 IMAGENET_SIZE = 64  # side of the model input (the demo's and benchmarks/imagenet's 64 px)
 IMAGENET_RAW_SHAPE = (1, 28, 28)  # the raw uint8 images, converted at batch time as Fashion-MNIST's are
 IMAGENET_BATCH = 16  # as benchmarks/imagenet
@@ -84,6 +87,22 @@ IMAGENET_EPOCHS = 15  # as benchmarks/imagenet: a fit here is one run of that su
 FOLDER_FILES = 400  # JPEGs of the streamed-vs-in-memory row
 FOLDER_IMAGE_SIZE = 48  # their side (RGB)
 STREAMED_MEMORY_MB = 1e-3  # a folder budget (1 KiB) below any folder's decoded size: it streams
+# The per-step rows of EfficientNet-Lite0 (imagenet_step_ratios): these specs, finetune the baseline
+IMAGENET_STEP_METHODS = [
+    "finetune",
+    "ptu",
+    "ptu[layers=[2,4,6,7]]",
+    "spottune",
+    "spottune_global",
+    "l2sp",
+    "dtnh:l2sp",
+    "knowdist",
+    "dtnh:knowdist",
+    "delta",
+    "dtnh:delta",
+]
+IMAGENET_STEP_REPEATS = 10  # at most this many interleaved rounds of single steps (fewer if repeats is)
+IMAGENET_STEP_WARMUP = 2  # steps (and evaluation passes) of each spec before the rounds
 
 # name -> (op, limit): met when every measured arch's value satisfies `value op limit`
 TARGETS: dict[str, tuple[str, float]] = {
@@ -129,9 +148,10 @@ def run_speed_suite(
             measured, as the baseline.
         batch: examples per training step and per evaluation pass.
         repeats: interleaved rounds whose median is taken (also for the trainer-vs-bare-loop epochs; the
-            EfficientNet-Lite0 rows take at most ``IMAGENET_REPEATS`` of them).
+            EfficientNet-Lite0 rows take at most ``IMAGENET_REPEATS`` of them for epochs and fits, at most
+            ``IMAGENET_STEP_REPEATS`` for single steps).
         progress: one line per architecture/method and phase on stderr.
-        imagenet: also measure the EfficientNet-Lite0 rows (:func:`imagenet_section`; about 5 minutes).
+        imagenet: also measure the EfficientNet-Lite0 rows (:func:`imagenet_section`; about 6-7 minutes).
 
     Returns:
         ``train_step_ms`` / ``eval_ms``: ``{arch: {method: median ms}}``, ``finetune`` included.
@@ -163,6 +183,8 @@ def run_speed_suite(
     if not isinstance(imagenet, bool):
         raise UserError(f"imagenet must be true or false (got {imagenet!r})")
     plan = {arch: _specs_for(arch, methods) for arch in _check_archs(archs)}
+    if imagenet:
+        _specs_for(IMAGENET_ARCH, IMAGENET_STEP_METHODS)  # a bad constant fails now, not minutes in
     log = _progress_log(t_start) if progress else None
     threads = torch.get_num_threads()
 
@@ -284,6 +306,16 @@ def _targets(result: dict[str, Any]) -> dict[str, Any]:
     net = result.get("imagenet") or {}
     for name, key in IMAGENET_TARGETS.items():
         values[name] = {IMAGENET_ARCH: net[key]} if key in net else {}
+    # the per-step targets also judge EfficientNet-Lite0's steps, where the section measured them
+    net_steps = net.get("train_step_ratio") or {}
+    net_dtnh = net.get("dtnh_over_base") or {}
+    for name, ratios, key in (
+        ("ptu_train_step_ratio", net_steps, "ptu"),
+        ("dtnh_over_l2sp", net_dtnh, "l2sp"),
+        ("dtnh_over_knowdist", net_dtnh, "knowdist"),
+    ):
+        if key in ratios:
+            values[name][IMAGENET_ARCH] = ratios[key]
     out = {}
     for name, (op, limit) in TARGETS.items():
         got = values[name]
@@ -478,7 +510,7 @@ def trainer_over_bare_loop(*, batch: int = 128, repeats: int = 20, seed: int = 0
 def _imagenet_source(seed: int) -> nn.Module:
     """EfficientNet-Lite0 shaped as the ImageNet source (1000 classes, native 3x224x224 input) with
     random weights: the time of a step does not depend on the weights' values, and no wheel is needed."""
-    return build_model(IMAGENET_ARCH, 1000, in_shape=(3, 224, 224), seed=seed)
+    return build_model(IMAGENET_ARCH, IMAGENET_SOURCE_CLASSES, in_shape=IMAGENET_SOURCE_SHAPE, seed=seed)
 
 
 def imagenet_input_spec(source: nn.Module) -> InputSpec:
@@ -645,6 +677,61 @@ def streamed_over_memory(*, repeats: int, seed: int = 0) -> dict[str, Any]:
     }
 
 
+def imagenet_step_ratios(
+    *, repeats: int, seed: int = 0, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Median time of one training step and of one evaluation pass of every ``IMAGENET_STEP_METHODS`` spec
+    on EfficientNet-Lite0, relative to ``finetune``'s: :func:`~paramtransfer.bench.speed.measure_arch` on
+    the ImageNet source's shape (``IMAGENET_SOURCE_CLASSES`` classes, native ``IMAGENET_SOURCE_SHAPE``,
+    random weights) with models built for and fed ``IMAGENET_BATCH`` random inputs of 3 x
+    ``IMAGENET_SIZE`` x ``IMAGENET_SIZE`` (channels-last, as the trainer runs a conv net; the batch-time
+    conversion from raw images is not part of a step), five classes. All models are built first;
+    ``IMAGENET_STEP_WARMUP`` steps of each, then ``repeats`` interleaved rounds (shuffled order), then the
+    same for the evaluation passes. Each step is what the trainer does per batch (loss terms, backward with
+    DTNH's correction, optimizer step); PTU reads its cache of the source's activations and KnowDist/DELTA
+    their teacher's features by the batch's row indices, as in a run; SpotTune's evaluation routes each
+    example to the copy its policy picks (``method.predict`` in eval mode).
+
+    Returns:
+        ``train_step_ms`` / ``eval_ms`` ``{spec: median ms}`` (``finetune`` first); ``train_step_ratio`` /
+        ``eval_ratio`` ``{spec: ms / finetune's}`` (``finetune`` left out: 1); ``dtnh_over_base``
+        ``{base: ms of dtnh:base / ms of base}`` (training steps); ``step_settings`` (``methods``,
+        ``batch``, ``input_shape``, ``warmup``, ``repeats``).
+
+    Raises:
+        UserError: a spec in ``IMAGENET_STEP_METHODS`` that is unknown, does not train or does not support
+            EfficientNet-Lite0 (checked before anything is built).
+    """
+    specs = _specs_for(IMAGENET_ARCH, IMAGENET_STEP_METHODS)
+    input_shape = (3, IMAGENET_SIZE, IMAGENET_SIZE)
+    train, evals = measure_arch(
+        IMAGENET_ARCH,
+        specs,
+        batch=IMAGENET_BATCH,
+        repeats=repeats,
+        warmup=IMAGENET_STEP_WARMUP,
+        seed=seed,
+        log=log,
+        input_shape=input_shape,
+        source_in_shape=IMAGENET_SOURCE_SHAPE,
+        source_classes=IMAGENET_SOURCE_CLASSES,
+    )
+    return {
+        "train_step_ms": {m: 1000 * s for m, s in train.items()},
+        "eval_ms": {m: 1000 * s for m, s in evals.items()},
+        "train_step_ratio": {m: train[m] / train[BASELINE] for m in specs if m != BASELINE},
+        "eval_ratio": {m: evals[m] / evals[BASELINE] for m in specs if m != BASELINE},
+        "dtnh_over_base": _dtnh_over_base(train),
+        "step_settings": {
+            "methods": specs,
+            "batch": IMAGENET_BATCH,
+            "input_shape": list(input_shape),
+            "warmup": IMAGENET_STEP_WARMUP,
+            "repeats": repeats,
+        },
+    }
+
+
 def imagenet_section(
     *, repeats: int, seed: int = 0, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -656,9 +743,13 @@ def imagenet_section(
     * ``fit_s``, ``fit_over_ft0``, ``cached_prefix``, ``ftl_sweep_over_ft0``,
       ``linear_probe_over_ft0``, ``fit_settings``, see :func:`imagenet_fit_ratios`;
     * ``streamed_over_memory`` (details under ``streamed_detail``), see :func:`streamed_over_memory`;
+    * ``train_step_ms``, ``eval_ms``, ``train_step_ratio``, ``eval_ratio``, ``dtnh_over_base``,
+      ``step_settings``: one step of each of ``IMAGENET_STEP_METHODS`` next to ``finetune``'s, a median
+      over ``min(repeats, IMAGENET_STEP_REPEATS)`` rounds of single steps, see
+      :func:`imagenet_step_ratios`;
 
-    plus ``arch``, ``raw_shape``, ``input_shape``, ``batch``, ``repeats`` (the rounds taken) and
-    ``wall_time_s`` (the whole section)."""
+    plus ``arch``, ``raw_shape``, ``input_shape``, ``batch``, ``repeats`` (the rounds of the epochs and
+    fits) and ``wall_time_s`` (the whole section)."""
     t_start = time.perf_counter()
     rounds = min(repeats, IMAGENET_REPEATS)
     size = f"{'x'.join(map(str, IMAGENET_RAW_SHAPE))} uint8 -> 3x{IMAGENET_SIZE}x{IMAGENET_SIZE}"
@@ -689,6 +780,14 @@ def imagenet_section(
     detail = streamed_over_memory(repeats=rounds, seed=seed)
     out["streamed_over_memory"] = detail.pop("ratio")
     out["streamed_detail"] = detail
+    step_rounds = min(repeats, IMAGENET_STEP_REPEATS)
+    if log is not None:
+        log(
+            f"{IMAGENET_ARCH}: training steps and evaluation passes of {len(IMAGENET_STEP_METHODS)} methods "
+            f"(batch {IMAGENET_BATCH} of 3x{IMAGENET_SIZE}x{IMAGENET_SIZE}, {IMAGENET_STEP_WARMUP} warm-up + "
+            f"{step_rounds} rounds, interleaved)"
+        )
+    out.update(imagenet_step_ratios(repeats=step_rounds, seed=seed, log=log))
     out["wall_time_s"] = time.perf_counter() - t_start
     return out
 
