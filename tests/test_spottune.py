@@ -621,11 +621,12 @@ def test_global_policy_starts_even_and_its_losses_wait_for_the_warmup(
 ) -> None:
     method, model = _build("spottune_global", tiny_resnet_source, warmup_epochs=1)
     x = tiny_task.train.x[:6]
-    with torch.no_grad():  # zero output layer: every block 50/50 for every image
-        assert torch.equal(model.policy(x), torch.zeros(6, ROUTED, 2))
+    with torch.no_grad():  # a small output layer: every block about 50/50 for every image
+        probs = torch.softmax(model.policy(x), -1)
+        assert (probs - 0.5).abs().max() < 2e-3
     _, random_model = _build("spottune_global", tiny_resnet_source, policy_init="random")
     with torch.no_grad():
-        assert random_model.policy(x).abs().sum() > 0
+        assert (torch.softmax(random_model.policy(x), -1) - 0.5).abs().max() > 1e-2
     model.train()
     assert float(method.loss_terms(model, x, tiny_task.train.y[:6])["policy"]) == 0.0  # epoch 0: warm-up
     model.epochs_done += 1

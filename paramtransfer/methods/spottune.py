@@ -47,7 +47,8 @@ from paramtransfer.models.tvmodels import TORCHVISION_ARCHS
 from paramtransfer.models.zoo import BasicBlock, GlobalPool
 
 ROUTES = ("policy", "finetuned", "frozen")
-POLICY_INITS = ("zero", "random")
+POLICY_INITS = ("small", "random")
+POLICY_INIT_SCALE = 1e-3  # policy_init="small": the output layer's initial weights times this, biases 0
 # the architectures with residual blocks SpotTune can route; "wrapped": every named block of a user's model
 RESIDUAL_ARCHS = ("resnet20", "efficientnet_lite0", *TORCHVISION_ARCHS)
 
@@ -403,9 +404,10 @@ class SpotTuneGlobalConfig(SpotTuneConfig):
     lambda_e: weight of ``l_e = sum_l -v_l log v_l`` (Eq. 7, lambda_2).
     warmup_epochs: the first epochs train with ``lambda_k = lambda_e = 0`` (plain SpotTune), so that the
         policy's usage reflects the target before the losses of Eqs. 5-7 harden it.
-    policy_init: ``"zero"``: the policy's output layer starts at zero (every block fine-tuned with
-        probability 1/2 for every image), so that which blocks win is decided by the target's gradients;
-        ``"random"``: PyTorch's default initialisation (SpotTune's).
+    policy_init: ``"small"``: the policy's output layer starts with its default weights times 1e-3 and
+        zero biases, so every block is fine-tuned with probability 1/2 ± 0.001 for every image and which
+        blocks win is decided by the target's gradients (not zero: a zero layer would pass no gradient to
+        the layers before it in the first step); ``"random"``: PyTorch's default initialisation (SpotTune's).
 
     Why the two defaults (``benchmarks/spottune/README.md``): with a random policy and the losses from the
     first step, the entropy term ``l_e`` sharpens whatever usage the initialisation happens to give, so
@@ -417,7 +419,7 @@ class SpotTuneGlobalConfig(SpotTuneConfig):
     lambda_k: float = 1.0
     lambda_e: float = 1.0
     warmup_epochs: int = 5
-    policy_init: str = "zero"
+    policy_init: str = "small"
     eval_route: str = "global"  # the learned global policy; no policy network at test time
     routes: ClassVar[tuple[str, ...]] = (*ROUTES, "global")
 
@@ -467,9 +469,9 @@ class SpotTuneGlobal(SpotTune):
         self.k = c.k if c.k is not None else min(free, max(1, len(model.routed) // 3))
         if self.k > free:
             raise UserError(f"spottune_global k={self.k} exceeds the {free} blocks it may fine-tune")
-        if c.policy_init == "zero":
+        if c.policy_init == "small":
             with torch.no_grad():
-                model.policy.logits.weight.zero_()
+                model.policy.logits.weight.mul_(POLICY_INIT_SCALE)
                 model.policy.logits.bias.zero_()
         return model
 
