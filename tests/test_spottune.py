@@ -628,11 +628,12 @@ def test_global_policy_starts_even_and_its_losses_wait_for_the_warmup(
     with torch.no_grad():
         assert (torch.softmax(random_model.policy(x), -1) - 0.5).abs().max() > 1e-2
     model.train()
-    assert float(method.loss_terms(model, x, tiny_task.train.y[:6])["policy"]) == 0.0  # epoch 0: warm-up
+    assert float(method.loss_terms(model, x, tiny_task.train.y[:6])["policy"].detach()) == 0.0  # warm-up
     model.epochs_done += 1
     terms = method.loss_terms(model, x, tiny_task.train.y[:6])
     l_k, l_e = global_losses(model.route, method.k)
-    assert float(terms["policy"]) == pytest.approx(float(l_k + l_e)) and float(terms["policy"]) > 0
+    policy = float(terms["policy"].detach())
+    assert policy == pytest.approx(float((l_k + l_e).detach())) and policy > 0
     # the warm-up follows the model's epoch counter, so a resumed run continues it
     model.epochs_done.zero_()
     out = fit(model, method, tiny_task, TrainConfig(epochs=2, batch_size=8, lr=0.1, patience=None), seed=0)
