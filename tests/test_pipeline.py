@@ -331,6 +331,18 @@ def test_tiny_compare_on_cuda(tmp_path, tiny_source):
         assert all(r.diagnostics["device"].startswith("cuda") for r in trained)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["32", "bf16", "16"])
+def test_issue16_methods_on_efficientnet_on_cuda(tiny_task, precision):
+    """PTU, SpotTune and DTNH on EfficientNet-Lite0 (random weights, 32 px) train and evaluate on CUDA."""
+    source = pt.build_model("efficientnet_lite0", num_classes=10, in_shape=(3, 32, 32), seed=0)
+    options = {"device": "cuda", "precision": precision, "batch_size": 8, "bn": "frozen"}
+    for spec in ("ptu[layers=[2,4,6,7]]", "ptu[fixed_gates=true]", "spottune", "spottune_global", "dtnh:l2sp"):
+        res = pt.run(spec, source=source, target=tiny_task, lr=0.01, epochs=2, seed=0, train_options=options)
+        assert res.status == "ok" and res.diagnostics["device"].startswith("cuda"), spec
+
+
 @pytest.mark.parametrize("spec", ["knowdist[beta=0.01]", "delta", "dtnh:knowdist[beta=0.01]"])
 def test_teacher_cache_matches_the_uncached_path(tiny_resnet_source, tiny_task, spec):
     cached, _ = _fit(spec, tiny_resnet_source, tiny_task, lr=0.01)
