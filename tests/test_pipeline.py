@@ -338,7 +338,8 @@ def test_issue16_methods_on_efficientnet_on_cuda(tiny_task, precision):
     """PTU, SpotTune and DTNH on EfficientNet-Lite0 (random weights, 32 px) train and evaluate on CUDA."""
     source = pt.build_model("efficientnet_lite0", num_classes=10, in_shape=(3, 32, 32), seed=0)
     options = {"device": "cuda", "precision": precision, "batch_size": 8, "bn": "frozen"}
-    for spec in ("ptu[layers=[2,4,6,7]]", "ptu[fixed_gates=true]", "spottune", "spottune_global", "dtnh:l2sp"):
+    specs = ("ptu[layers=[2,4,6,7]]", "ptu[fixed_gates=true]", "spottune", "spottune_global", "dtnh:l2sp")
+    for spec in specs:
         res = pt.run(spec, source=source, target=tiny_task, lr=0.01, epochs=2, seed=0, train_options=options)
         assert res.status == "ok" and res.diagnostics["device"].startswith("cuda"), spec
 
