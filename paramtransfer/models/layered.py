@@ -283,8 +283,8 @@ class WrappedNet(LayeredNet):
     """A user's model seen through forward hooks on its named blocks.
 
     ``forward`` is the model's own forward; :meth:`forward_features` captures the named blocks' outputs
-    with temporary forward hooks. Methods that mix in their own outputs (PTU, SpotTune) replace a named block's
-    output with a forward hook of their own.
+    with temporary forward hooks. Methods that mix in their own outputs (PTU, SpotTune) replace a named
+    block's output with a forward hook of their own.
     The model's modules that are neither a named block nor the head are its un-named part, treated as
     :class:`LayeredNet` describes.
     """
