@@ -149,8 +149,13 @@ def test_record_copies_into_the_suite_and_reuses_finished_runs(
     again = {(r["method"], r["seed"]): r["wall_time_s"] for r in _runs(out / "tiny" / "digits")}
     assert again == runs  # reused, not retrained
     recorded = root / "tiny" / "results"
-    for f in ("results.json", "table.md", "config.yaml", "ft_layers.png", "learning_curves.png"):
+    for f in ("table.md", "config.yaml", "ft_layers.png", "learning_curves.png"):
         assert (recorded / "digits" / f).read_bytes() == (out / "tiny" / "digits" / f).read_bytes()
+    # the same summary (no per-channel diagnostics to leave out here), one line per run
+    text = (recorded / "digits" / "results.json").read_text()
+    assert json.loads(text) == json.loads((out / "tiny" / "digits" / "results.json").read_text())
+    # "{", a line per other key, "\"runs\": [", a line per run, "]", "}"
+    assert len(text.splitlines()) == len(json.loads(text)) + len(_runs(out / "tiny" / "digits")) + 3
     assert (recorded / "never" / "results.json").is_file()  # `bench tiny` ran the other setting too
     report = (root / "report.md").read_text()
     assert "| tiny | A tiny paper (Someone) | 2 of 2 |" in report
@@ -159,6 +164,46 @@ def test_record_copies_into_the_suite_and_reuses_finished_runs(
     (root / "report.md").unlink()
     assert main(["report", str(root)]) == 0
     assert (root / "report.md").read_text() == report
+
+
+def test_recorded_results_leave_out_per_channel_diagnostics_only(tmp_path: Path) -> None:
+    from paramtransfer.bench.runner import record_setting
+
+    gates = {
+        "layers": [0],
+        "r": [0.5],
+        "z": [0.4],
+        "r_per_channel": [[0.1] * 300],
+        "z_per_channel": [[0.2] * 300],
+    }
+    dtnh = {"method": "dtnh:l2sp", "seed": 0, "history": [{"epoch": 1, "dtnh_angles": [[0, 1, 2, 3, 4]]}]}
+    ptu = {
+        "method": "ptu",
+        "seed": 0,
+        "diagnostics": {"gates": gates, "classes": [0, 1]},
+        "history": [{"epoch": 1}],
+    }
+    delta = {"method": "delta", "seed": 0, "diagnostics": {"attention": [[0.3] * 300], "device": "cpu"}}
+    summary = {
+        "config": {"target": "t"},
+        "selected": {},
+        "runs": [ptu, delta, {"method": "knn", "seed": 0}, dtnh],
+    }
+    src, dest = tmp_path / "out", tmp_path / "recorded"
+    src.mkdir()
+    (src / "results.json").write_text(json.dumps(summary, indent=2))
+    record_setting(src, dest)
+    got = json.loads((dest / "results.json").read_text())
+    assert got["config"] == summary["config"] and got["selected"] == {}
+    assert got["runs"][0]["diagnostics"] == {
+        "gates": {"layers": [0], "r": [0.5], "z": [0.4]},
+        "classes": [0, 1],
+    }
+    assert got["runs"][0]["history"] == [{"epoch": 1}]
+    assert got["runs"][1]["diagnostics"] == {"device": "cpu"}
+    assert got["runs"][2] == {"method": "knn", "seed": 0}
+    assert got["runs"][3]["history"] == [{"epoch": 1}]  # the angles stay in diagnostics.angles
+    assert summary["runs"][0]["diagnostics"]["gates"]["r_per_channel"]  # the input is not changed
 
 
 def _runs(directory: Path) -> list[dict]:

@@ -41,6 +41,7 @@ reuse finished work, as ``compare`` does, so that an interrupted bench continues
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -63,7 +64,7 @@ from paramtransfer.bench.suites import (
     suites_root,
 )
 from paramtransfer.errors import UserError
-from paramtransfer.train.checkpoint import atomic_write_json
+from paramtransfer.train.checkpoint import atomic_write_bytes, atomic_write_json
 
 
 def run_bench(
@@ -108,12 +109,53 @@ def run_bench(
     return report
 
 
+# Per-channel detail that a recorded results.json leaves out (the run files under runs/ keep it): PTU's
+# gate means per channel and DELTA's channel attention, thousands of floats per EfficientNet-Lite0 run,
+# which no table or plot reads (the per-unit gate means stay), and DTNH's per-step angles in the history,
+# which ``diagnostics.angles`` holds once more for the whole run.
+UNRECORDED_DIAGNOSTICS = ("attention",)
+UNRECORDED_GATES = ("r_per_channel", "z_per_channel")
+UNRECORDED_HISTORY = ("dtnh_angles",)
+
+
+def recorded_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` (a comparison's results.json) without the per-channel diagnostics of its runs and the
+    per-step DTNH angles of their histories."""
+    runs = []
+    for run in summary.get("runs", []):
+        diag = {k: v for k, v in (run.get("diagnostics") or {}).items() if k not in UNRECORDED_DIAGNOSTICS}
+        if isinstance(diag.get("gates"), dict):
+            diag["gates"] = {k: v for k, v in diag["gates"].items() if k not in UNRECORDED_GATES}
+        run = {**run, "diagnostics": diag} if "diagnostics" in run else run
+        if isinstance(run.get("history"), list):
+            history = [
+                {k: v for k, v in rec.items() if k not in UNRECORDED_HISTORY} for rec in run["history"]
+            ]
+            run = {**run, "history": history}
+        runs.append(run)
+    return {**summary, "runs": runs} if "runs" in summary else dict(summary)
+
+
+def _recorded_json(summary: dict[str, Any]) -> bytes:
+    """One line per top-level key and per run: compact, yet a new run is a one-line diff."""
+    parts = [f"{json.dumps(k)}: {json.dumps(v, allow_nan=False)}" for k, v in summary.items() if k != "runs"]
+    if "runs" in summary:
+        runs = ",\n".join(json.dumps(r, allow_nan=False) for r in summary["runs"])
+        parts.append(f'"runs": [\n{runs}\n]')
+    return ("{\n" + ",\n".join(parts) + "\n}\n").encode()
+
+
 def record_setting(results: Path, dest: Path) -> list[Path]:
-    """Copy a setting's results.json, table.md, config.yaml and PNGs to ``dest`` (as run.sh does)."""
+    """Copy a setting's results.json (without per-channel diagnostics, :func:`recorded_summary`), table.md,
+    config.yaml and PNGs to ``dest`` (as run.sh does)."""
     dest.mkdir(parents=True, exist_ok=True)
     files = [results / f for f in RECORDED_FILES if (results / f).is_file()] + sorted(results.glob("*.png"))
     for f in files:
-        shutil.copy2(f, dest / f.name)
+        if f.name == "results.json":
+            summary = json.loads(f.read_text())
+            atomic_write_bytes(dest / f.name, _recorded_json(recorded_summary(summary)))
+        else:
+            shutil.copy2(f, dest / f.name)
     return [dest / f.name for f in files]
 
 
