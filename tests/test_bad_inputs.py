@@ -570,6 +570,16 @@ CASES: list[Case] = [
     Case("ptu-unknown-target-init", _methods_on_saved("ptu[target_init=imagenet]"), "target_init"),
     Case("ptu-fixed-gates-text", _methods_on_saved("ptu[fixed_gates=sometimes]"), "fixed_gates"),
     Case(
+        "spottune-global-warmup-negative",
+        _methods_on_saved("spottune_global[warmup_epochs=-1]"),
+        "warmup_epochs",
+    ),
+    Case(
+        "spottune-global-policy-init",
+        _methods_on_saved("spottune_global[policy_init=zero]"),
+        "policy_init='zero'",
+    ),
+    Case(
         "spottune-freeze-first-beyond-efficientnet",
         _plain(
             *RUN,
