@@ -529,6 +529,24 @@ CASES: list[Case] = [
     Case("spottune-zero-tau", _plain(*RUN, "--method", "spottune[tau=0]", "--arch", "resnet20"), "tau"),
     Case("knowdist-layer-outside-source", _methods_on_saved("knowdist[layers=[7]]"), "[7]"),
     Case("ptu-unknown-activation", _methods_on_saved("ptu[activation=gelu]"), "gelu"),
+    Case("bss-zero-k", _methods_on_saved("bss[k=0]"), "bss k=0"),
+    Case("bss-fractional-k", _methods_on_saved("bss[k=1.5]"), "bss k=1.5"),
+    Case("bss-k-not-below-feature-dim", _methods_on_saved("bss[k=8]"), "k <= 7"),
+    Case("bss-negative-eta", _methods_on_saved("bss[eta=-1]"), "bss eta=-1"),
+    Case("bss-text-eta", _methods_on_saved("bss[eta=abc]"), "bss eta='abc'"),
+    Case("dtnh-bss-zero-k", _methods_on_saved("dtnh:bss[k=0]"), "bss k=0"),
+    Case(
+        "stochnorm-p-above-one", _plain(*RUN, "--method", "stochnorm[p=1.5]", "--arch", "resnet20"), "p=1.5"
+    ),
+    Case(
+        "stochnorm-negative-p", _plain(*RUN, "--method", "stochnorm[p=-0.5]", "--arch", "resnet20"), "p=-0.5"
+    ),
+    Case("stochnorm-text-p", _plain(*RUN, "--method", "stochnorm[p=abc]", "--arch", "resnet20"), "p='abc'"),
+    Case("stochnorm-on-saved-lenet", _methods_on_saved("stochnorm"), "not on lenet"),
+    Case(
+        "stochnorm-on-rnn", _plain(*RUN, "--method", "stochnorm", "--arch", "rnn"), "lenet and rnn have none"
+    ),
+    Case("dtnh-on-stochnorm", _methods_on_saved("dtnh:stochnorm"), "dtnh:bss"),
     # --save-model of a method that trains no network
     Case("save-model-of-knn", _methods_on_saved("knn", "--save-model"), "no model to save"),
     # ---- processes and executors -----------------------------------------------------------------

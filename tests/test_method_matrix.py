@@ -67,6 +67,9 @@ EXPECTED_TRAINABLE: dict[str, Callable[[str], bool]] = {
     ),
     "ptu": lambda name: name.startswith(("target.", "units.")),
     "ptu_rnn": lambda name: name.startswith(("target.", "units.")),
+    "bss": lambda name: True,
+    "dtnh:bss": lambda name: True,
+    "stochnorm": lambda name: True,
 }
 
 TRAINING = [n for n in METHODS.names() if METHODS.get(n).trains]
