@@ -67,6 +67,8 @@ EXPECTED_TRAINABLE: dict[str, Callable[[str], bool]] = {
     ),
     "ptu": lambda name: name.startswith(("target.", "units.")),
     "ptu_rnn": lambda name: name.startswith(("target.", "units.")),
+    "bi_tuning": lambda name: name.startswith(("target.", "projector.")),
+    "dtnh:bi_tuning": lambda name: name.startswith(("target.", "projector.")),
 }
 
 TRAINING = [n for n in METHODS.names() if METHODS.get(n).trains]
