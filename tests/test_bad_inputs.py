@@ -547,6 +547,25 @@ CASES: list[Case] = [
         "stochnorm-on-rnn", _plain(*RUN, "--method", "stochnorm", "--arch", "rnn"), "lenet and rnn have none"
     ),
     Case("dtnh-on-stochnorm", _methods_on_saved("dtnh:stochnorm"), "dtnh:bss"),
+    Case("bi_tuning-negative-cce", _methods_on_saved("bi_tuning[cce=-1]"), "cce=-1"),
+    Case("bi_tuning-ccl-text", _methods_on_saved("bi_tuning[ccl=much]"), "ccl='much'"),
+    Case("bi_tuning-zero-temperature", _methods_on_saved("bi_tuning[temperature=0]"), "temperature=0"),
+    Case(
+        "bi_tuning-zero-queue",
+        _methods_on_saved("bi_tuning", "--set", "bi_tuning.queue_size=0"),
+        "queue_size=0",
+    ),
+    Case("bi_tuning-fractional-queue", _methods_on_saved("bi_tuning[queue_size=2.5]"), "queue_size=2.5"),
+    Case("bi_tuning-momentum-above-1", _methods_on_saved("bi_tuning[momentum=1.5]"), "momentum=1.5"),
+    Case(
+        "bi_tuning-zero-projection-dim", _methods_on_saved("bi_tuning[projection_dim=0]"), "projection_dim=0"
+    ),
+    Case("bi_tuning-unknown-projector", _methods_on_saved("bi_tuning[projector=conv]"), "projector='conv'"),
+    Case(
+        "dtnh-bi_tuning-negative-momentum",
+        _methods_on_saved("dtnh:bi_tuning[momentum=-0.1]"),
+        "momentum=-0.1",
+    ),
     # --save-model of a method that trains no network
     Case("save-model-of-knn", _methods_on_saved("knn", "--save-model"), "no model to save"),
     # ---- processes and executors -----------------------------------------------------------------

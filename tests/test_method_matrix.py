@@ -70,6 +70,8 @@ EXPECTED_TRAINABLE: dict[str, Callable[[str], bool]] = {
     "bss": lambda name: True,
     "dtnh:bss": lambda name: True,
     "stochnorm": lambda name: True,
+    "bi_tuning": lambda name: name.startswith(("target.", "projector.")),
+    "dtnh:bi_tuning": lambda name: name.startswith(("target.", "projector.")),
 }
 
 TRAINING = [n for n in METHODS.names() if METHODS.get(n).trains]

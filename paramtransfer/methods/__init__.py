@@ -5,6 +5,7 @@ May import: errors, registry, data, models, optim.
 
 from paramtransfer.methods import (  # noqa: F401
     baselines,
+    bi_tuning,
     bss,
     delta,
     dtnh,
