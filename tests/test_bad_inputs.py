@@ -678,7 +678,7 @@ CASES: list[Case] = [
     Case(
         "bench-setting-unknown-score",
         lambda tmp, saved: _bench_setting(tmp, "scores: [lps]\n"),
-        "scores must be a list of logme, leep, nce, hscore",
+        "scores must be a list of logme, leep, nce, hscore, hscore_shrinkage, transrate",
     ),
     Case("set-augment-text", _plain(*RUN, "--method", "scratch", "--set", "train.augment=maybe"), "augment"),
     Case("set-bn-unknown", _plain(*RUN, "--method", "finetune", "--set", "train.bn=fixed"), "bn='fixed'"),

@@ -12,6 +12,7 @@ import paramtransfer as pt
 from paramtransfer.errors import UserError
 from paramtransfer.selection.modelset import build_modelset
 from paramtransfer.selection.rank import (
+    FAST_SCORES,
     RankConfig,
     fast_scores,
     find_candidates,
@@ -64,7 +65,7 @@ def test_fast_scores_read_the_candidates_features_and_outputs(tiny_set: Path) ->
     task = pt.load_task("digits[0,1]", shots=5, seed=0)
     model = pt.load_model(found[0].path)
     scores = fast_scores(model, task)
-    assert set(scores) == {"logme", "leep", "nce", "hscore"}
+    assert set(scores) == {"logme", "leep", "nce", "hscore", "hscore_shrinkage", "transrate"}
     with torch.no_grad():
         feats = model.eval().embed(task.train.x).double()
     assert scores["logme"] == pytest.approx(logme(feats, task.train.y))
@@ -75,7 +76,7 @@ def test_rank_end_to_end_with_verification(tiny_set: Path, tmp_path: Path) -> No
     config = RankConfig(shots=5, probe_epochs=1, verify_epochs=1, test_limit=50)
     config.lps.epochs = 2
     report = rank_sources("digits[0,1]", [tiny_set], tmp_path, config=config, verify=True, progress=False)
-    assert report["scores"] == ["lps", "logme", "leep", "nce", "hscore"]
+    assert report["scores"] == ["lps", "logme", "leep", "nce", "hscore", "hscore_shrinkage", "transrate"]
     rows = report["candidates"]
     assert len(rows) == 6
     for s in report["scores"]:
@@ -117,7 +118,7 @@ def test_loose_models_are_ranked_without_lps_unless_a_set_is_given(tiny_set: Pat
     found, _ = find_candidates([tiny_set])
     paths = [c.path for c in found[:3]]
     report = rank_sources("digits[0,1]", paths, tmp_path, config=RankConfig(shots=5), progress=False)
-    assert report["scores"] == ["logme", "leep", "nce", "hscore"] and "weighted_tau" not in report
+    assert report["scores"] == list(FAST_SCORES) and "weighted_tau" not in report
     assert "fine-tuned accuracy" not in format_rank(report)
 
 
@@ -128,7 +129,7 @@ def test_cli_rank_writes_the_table_and_errors_are_one_line(tiny_set: Path, tmp_p
     argv = ["rank", "--target", "digits[0,1]", "--sources", str(tiny_set), "--shots", "5", "--quiet"]
     assert main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| candidate | lps | logme | leep | nce | hscore |" in printed
+    assert "| candidate | lps | logme | leep | nce | hscore | hscore_shrinkage | transrate |" in printed
     assert json.loads((out / "rank.json").read_text())["target"] == "digits[0-1]"  # the canonical spec
     weighted = tmp_path / "rank2"
     assert main([*argv, "--lps-weights", "0,1,0,0", "--out", str(weighted)]) == 0

@@ -427,8 +427,18 @@ def test_torch_and_numpy_inputs_agree_and_runs_are_deterministic(name: str):
 
 
 def test_registry_lists_the_scores():
-    assert SCORES.names() == ["hscore", "leep", "logme", "nce"]
-    with pytest.raises(UserError, match="known: hscore, leep, logme, nce"):
+    assert SCORES.names() == [
+        "hscore",
+        "hscore_shrinkage",
+        "leep",
+        "logme",
+        "logme_regression",
+        "nce",
+        "transrate",
+    ]
+    with pytest.raises(
+        UserError, match="known: hscore, hscore_shrinkage, leep, logme, logme_regression, nce"
+    ):
         SCORES.get("gbc")
 
 

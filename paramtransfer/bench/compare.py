@@ -188,17 +188,18 @@ def source_scores(cfg: CompareConfig, names: list[str]) -> dict[str, Any]:
     }
 
 
-_SCORABLE = ("logme", "leep", "nce", "hscore")
-
-
 def run_compare_setting(config: dict[str, Any], out: Path, executor: Any, progress: bool) -> dict[str, Any]:
     """The ``compare`` kind: the YAML is a CompareConfig, plus an optional ``scores: [logme, leep, ...]``
     (transferability scores of the source on each seed's target training split, written into
     ``results.json`` as ``source_scores``); finished runs are reused by compare itself."""
+    from paramtransfer.selection.rank import FAST_SCORES
+
     config = dict(config)
     names = config.pop("scores", None) or []
-    if not isinstance(names, list) or any(n not in _SCORABLE for n in names):
-        raise UserError(f"benchmark setting: scores must be a list of {', '.join(_SCORABLE)} (got {names!r})")
+    if not isinstance(names, list) or any(n not in FAST_SCORES for n in names):
+        raise UserError(
+            f"benchmark setting: scores must be a list of {', '.join(FAST_SCORES)} (got {names!r})"
+        )
     cfg = make_config(CompareConfig, config, "benchmark setting")  # type: ignore[arg-type]
     summary = compare(cfg, out, executor=executor, progress=progress)  # type: ignore[arg-type]
     if names:

@@ -7,8 +7,9 @@ One benchmark setting (a YAML with ``kind: lps``, see ``benchmarks/lps/``) runs,
 2. ``eval``: :func:`~paramtransfer.bench.modelset.evaluate_modelset` -> ``OUT/eval.json`` (task
    classification and retrieval with all baselines, transferability, branches, alignment);
 3. ``rank``: for every target task and seed, the first model of every task is a candidate source,
-   ranked by LPS and by LogME, LEEP, NCE and H-score, then fine-tuned on the target; the weighted
-   Kendall tau of each ranking against the fine-tuned accuracies -> ``OUT/rank/<target>/seed=<s>/``;
+   ranked by LPS and by LogME, LEEP, NCE, H-score (plain and with shrinkage) and TransRate, then
+   fine-tuned on the target; the weighted Kendall tau of each ranking against the fine-tuned accuracies
+   -> ``OUT/rank/<target>/seed=<s>/`` (a stored ranking gets the scores added since, without training);
 4. ``timing``: the time to embed one model with a trained-size second-order network, for lenets of
    growing width -> part of ``OUT/results.json``.
 
@@ -37,7 +38,7 @@ from paramtransfer.methods.base import make_config
 from paramtransfer.models.zoo import build_model
 from paramtransfer.selection.lps import SecondOrderNet, model_parameters
 from paramtransfer.selection.modelset import METHODS, EvalConfig, build_modelset, read_index
-from paramtransfer.selection.rank import SCORE_NAMES, RankConfig, rank_sources
+from paramtransfer.selection.rank import SCORE_NAMES, RankConfig, add_missing_scores, rank_sources, write_rank
 from paramtransfer.train.checkpoint import atomic_write_json
 
 RESULTS = "results.json"
@@ -280,6 +281,8 @@ def _rankings(
                 report = rank_sources(
                     target, candidates, d, config=config, verify=True, lps_set=set_dir, progress=progress
                 )
+            elif add_missing_scores(report, config):  # scores added since it was ranked: no training
+                write_rank(report, d)
             for name, weights in variants.items():
                 _add_lps_variant(report, d, set_dir, config, name, weights)
             per_seed.append(report)
@@ -393,7 +396,15 @@ _NAMES = {
     "frobenius_fc": "Frobenius+FC, w/o alignment",
     "lps": "Frobenius+FC, w/ alignment (LPS)",
 }
-_SCORE_LABELS = {"lps": "LPS", "logme": "LogME", "leep": "LEEP", "nce": "NCE", "hscore": "H-score"}
+_SCORE_LABELS = {
+    "lps": "LPS",
+    "logme": "LogME",
+    "leep": "LEEP",
+    "nce": "NCE",
+    "hscore": "H-score",
+    "hscore_shrinkage": "H-score (shrinkage)",
+    "transrate": "TransRate",
+}
 
 
 def _score_label(score: str) -> str:

@@ -1,5 +1,5 @@
 """``paramtransfer rank``: rank candidate source models for a target (LPS similarity, LogME, LEEP, NCE,
-H-score), optionally checked against brief fine-tuning."""
+H-score, shrinkage H-score, TransRate), optionally checked against brief fine-tuning."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from paramtransfer.cli.common import _check_out, _floats, _positive_int, _runtim
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "rank",
-        help="rank candidate source models for a target: LPS similarity, LogME, LEEP, NCE, H-score",
+        help="rank candidate source models for a target: LPS similarity, LogME, LEEP, NCE, H-score, "
+        "shrinkage H-score, TransRate",
         description="Score every candidate source on the target's labelled examples and write OUT/rank.json "
         "and OUT/rank.md. LPS (cosine similarity to a probe trained on the target, in a second-order "
         "network trained on a model set) needs a model set: the candidates' own (--sources DIR) or "

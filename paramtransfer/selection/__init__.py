@@ -3,7 +3,7 @@
 ``lps``: Learnable Parameter Similarity (filter alignment, the second-order network and baselines).
 ``modelset``: building and loading model sets, training the second-order network on one.
 ``scores``: fast transferability scores computed from a source model's features or predictions on the
-target data (LogME, LEEP, NCE, H-score).
+target data (LogME, LEEP, NCE, H-score, shrinkage H-score, TransRate; LogME for regression targets).
 ``rank``: rank candidate sources for a target by LPS and the scores (``--verify`` fine-tunes them).
 
 May import: everything below it (errors, registry, data, models, methods, train, results, report,

@@ -6,7 +6,8 @@ Every candidate is scored on the target's labelled training examples by
   embedding of a *probe*, a network of the same architecture trained briefly on the target from scratch.
   The second-order network is trained on a model set's task labels (Eq. 9), by default the candidates'
   own model set;
-* ``logme``, ``hscore``: on the candidate's penultimate features (:mod:`paramtransfer.selection.scores`);
+* ``logme``, ``hscore``, ``hscore_shrinkage`` (H-score with Ledoit-Wolf shrinkage), ``transrate``: on the
+  candidate's penultimate features (:mod:`paramtransfer.selection.scores`);
 * ``leep``: on the candidate's softmax outputs; ``nce``: on its predicted (hard) source labels.
 
 Higher is better for all of them. With ``verify`` every candidate is also fine-tuned briefly on the
@@ -35,10 +36,12 @@ from paramtransfer.models.zoo import build_model
 from paramtransfer.runtime import Runtime, module_device
 from paramtransfer.selection.lps import model_parameters, similarity
 from paramtransfer.selection.modelset import INDEX, EvalConfig, ModelSet, load_modelset, train_second_order
-from paramtransfer.selection.scores import hscore, leep, logme, nce
+from paramtransfer.selection.scores import hscore, hscore_shrinkage, leep, logme, nce, transrate
 from paramtransfer.train.checkpoint import atomic_write_bytes, atomic_write_json
 
-SCORE_NAMES = ("lps", "logme", "leep", "nce", "hscore")
+# The scores computed from one forward pass (fast_scores), and every score a ranking reports, in its order.
+FAST_SCORES = ("logme", "leep", "nce", "hscore", "hscore_shrinkage", "transrate")
+SCORE_NAMES = ("lps", *FAST_SCORES)
 
 
 @dataclass
@@ -117,8 +120,8 @@ def _outputs(
 
 
 def fast_scores(model: LayeredNet, task: Task, runtime: Runtime | None = None) -> dict[str, float]:
-    """LogME, LEEP, NCE and H-score of ``model`` on the target's training split (on ``runtime``'s device,
-    default the model's)."""
+    """The :data:`FAST_SCORES` (LogME, LEEP, NCE, H-score, shrinkage H-score, TransRate) of ``model`` on
+    the target's training split (on ``runtime``'s device, default the model's)."""
     if runtime is not None:
         model.to(runtime.device)
     feats, probs = _outputs(model, task.train, runtime)
@@ -128,6 +131,8 @@ def fast_scores(model: LayeredNet, task: Task, runtime: Runtime | None = None) -
         "leep": leep(probs, y),
         "nce": nce(probs.argmax(1), y),
         "hscore": hscore(feats, y),
+        "hscore_shrinkage": hscore_shrinkage(feats, y),
+        "transrate": transrate(feats, y),
     }
 
 
@@ -242,10 +247,7 @@ def rank_sources(
         for row, sim in zip(rows, lps_scores(lps_dir, candidates, task, config), strict=True):
             row["lps"] = sim
     names = [s for s in SCORE_NAMES if all(s in r for r in rows)]
-    for s in names:
-        order = sorted(range(len(rows)), key=lambda i: -rows[i][s])
-        for position, i in enumerate(order, 1):
-            rows[i][f"{s}_rank"] = position
+    _add_ranks(rows, names)
     report: dict[str, Any] = {
         "target": task.spec,
         "config": dataclasses.asdict(config),
@@ -262,11 +264,50 @@ def rank_sources(
         report["weighted_tau"] = {s: _tau_or_none([r[s] for r in rows], truth) for s in names}
     if bar is not None:
         bar.close()
+    write_rank(report, out)
+    return report
+
+
+def write_rank(report: dict[str, Any], out: str | Path) -> None:
+    """``OUT/rank.json`` and ``OUT/rank.md``."""
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "rank.json", report)
     atomic_write_bytes(root / "rank.md", format_rank(report).encode())
-    return report
+
+
+def _add_ranks(rows: list[dict[str, Any]], names: list[str]) -> None:
+    for s in names:
+        order = sorted(range(len(rows)), key=lambda i: -rows[i][s])
+        for position, i in enumerate(order, 1):
+            rows[i][f"{s}_rank"] = position
+
+
+def add_missing_scores(report: dict[str, Any], config: RankConfig) -> list[str]:
+    """Add to a stored rank report the :data:`FAST_SCORES` it lacks (written before they existed).
+
+    Each candidate's scores are computed on the same target split as :func:`rank_sources` would (one
+    forward pass, nothing trained), ranked, and, for a verified report, judged by the weighted tau
+    against its stored fine-tuned accuracies. Returns the names added (none: the report is unchanged).
+    """
+    rows = report["candidates"]
+    missing = [s for s in FAST_SCORES if not all(s in r for r in rows)]
+    if not missing:
+        return []
+    runtime = runtime_of(config.train_options())
+    spec = input_spec_of(load_model(rows[0]["path"]), config.image_size)
+    task = load_task(
+        report["target"], config.shots, config.seed, test_limit=config.test_limit, input_spec=spec
+    )
+    for row in rows:
+        values = fast_scores(load_model(row["path"]), task, runtime)
+        row.update({s: values[s] for s in missing})
+    _add_ranks(rows, missing)
+    report["scores"] = [s for s in SCORE_NAMES if all(s in r for r in rows)]
+    if "weighted_tau" in report:
+        truth = [r["finetune_accuracy"] for r in rows]
+        report["weighted_tau"].update({s: _tau_or_none([r[s] for r in rows], truth) for s in missing})
+    return missing
 
 
 def _tau_or_none(scores: list[float], truth: list[float]) -> float | None:
