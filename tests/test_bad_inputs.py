@@ -616,6 +616,15 @@ CASES: list[Case] = [
         _methods_on_saved("spottune_global[policy_init=zero]"),
         "policy_init='zero'",
     ),
+    Case("lwf-negative-lambda-o", _methods_on_saved("lwf[lambda_o=-1]"), "lambda_o=-1"),
+    Case("lwf-zero-temperature", _methods_on_saved("lwf[temperature=0]"), "temperature=0"),
+    Case("dtnh-lwf-text-temperature", _methods_on_saved("dtnh:lwf[temperature=warm]"), "temperature='warm'"),
+    Case("co_tuning-negative-trade-off", _methods_on_saved("co_tuning[trade_off=-2.3]"), "trade_off=-2.3"),
+    Case(
+        "co_tuning-unknown-relationship",
+        _methods_on_saved("co_tuning[relationship=inverse]"),
+        "relationship='inverse'",
+    ),
     Case(
         "spottune-freeze-first-beyond-efficientnet",
         _plain(
