@@ -3,7 +3,16 @@
 May import: errors, registry, data, models, optim.
 """
 
-from paramtransfer.methods import baselines, delta, dtnh, ptu, regularizers, spottune  # noqa: F401
+from paramtransfer.methods import (  # noqa: F401
+    baselines,
+    bitfit,
+    delta,
+    dtnh,
+    lora,
+    ptu,
+    regularizers,
+    spottune,
+)
 from paramtransfer.methods.base import METHODS, Method, MethodConfig, list_methods, make_method
 
 dtnh.register_twins()  # after every module above has registered its methods
