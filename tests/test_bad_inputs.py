@@ -625,6 +625,14 @@ CASES: list[Case] = [
         _methods_on_saved("co_tuning[relationship=inverse]"),
         "relationship='inverse'",
     ),
+    Case("lora-rank-zero", _methods_on_saved("lora[r=0]"), "lora r=0"),
+    Case("lora-rank-fraction", _methods_on_saved("lora[r=2.5]"), "lora r=2.5"),
+    Case("lora-alpha-negative", _methods_on_saved("lora[alpha=-1]"), "lora alpha=-1"),
+    Case("lora-unknown-targets", _methods_on_saved("lora[targets=attention]"), "targets='attention'"),
+    Case("lora-merge-text", _methods_on_saved("lora[merge=maybe]"), "merge='maybe'"),
+    Case("lora-unknown-option", _methods_on_saved("lora[rank=4]"), "no option 'rank'"),
+    Case("lora-on-rnn", _plain(*RUN, "--method", "lora", "--arch", "rnn"), "use bitfit or finetune for rnn"),
+    Case("bitfit-takes-no-options", _methods_on_saved("bitfit[r=4]"), "no option 'r'"),
     Case(
         "spottune-freeze-first-beyond-efficientnet",
         _plain(

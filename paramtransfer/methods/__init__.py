@@ -6,10 +6,12 @@ May import: errors, registry, data, models, optim.
 from paramtransfer.methods import (  # noqa: F401
     baselines,
     bi_tuning,
+    bitfit,
     bss,
     co_tuning,
     delta,
     dtnh,
+    lora,
     lwf,
     ptu,
     regularizers,
