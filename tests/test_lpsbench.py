@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,38 @@ def test_config_errors() -> None:
     with pytest.raises(UserError, match="build"):
         LPSBenchConfig.from_dict({"build": {"models": 3}})
     assert LPSBenchConfig.from_dict({"rank": None}).rank is None
+
+
+def test_the_lps_bench_adds_the_new_scores_to_a_stored_ranking_without_training(tmp_path: Path, monkeypatch):
+    """A ranking stored by an earlier version (no TransRate, no shrinkage H-score) is completed on the next
+    run: nothing is trained again, and the bench's tau table gets the two scores."""
+    from paramtransfer.bench import lps as lpsbench
+
+    config = {
+        **TINY,
+        "eval": {"epochs": 1, "ari_images": 30, "sections": ["classification"]},
+        "timing": None,
+    }
+    first = lpsbench.run_lps_bench(config, tmp_path, progress=False)
+    stored = next((tmp_path / "rank").rglob("rank.json"))
+    report = json.loads(stored.read_text())
+    for row in report["candidates"]:
+        for s in ("transrate", "hscore_shrinkage"):
+            del row[s], row[f"{s}_rank"]
+    report["scores"] = ["lps", "logme", "leep", "nce", "hscore"]
+    for s in ("transrate", "hscore_shrinkage"):
+        del report["weighted_tau"][s]
+    stored.write_text(json.dumps(report))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished stage was redone")
+
+    monkeypatch.setattr(modelset, "train_model", refuse)
+    monkeypatch.setattr(lpsbench, "evaluate_modelset", refuse)
+    monkeypatch.setattr(lpsbench, "rank_sources", refuse)
+    monkeypatch.setattr(rank, "lps_scores", refuse)
+    again = lpsbench.run_lps_bench(config, tmp_path, progress=False)
+    assert again["rank"] == first["rank"]
+    assert {"transrate", "hscore_shrinkage"} <= set(again["rank"]["targets"]["digits[5-9]"]["weighted_tau"])
+    assert json.loads(stored.read_text())["scores"][-2:] == ["hscore_shrinkage", "transrate"]
+    assert "TransRate" in lpsbench.format_lps_bench(again, {})

@@ -157,13 +157,7 @@ class BiTuningNet(nn.Module):
     def forward(self, x: torch.Tensor, embed: bool = False) -> Any:
         if not embed:
             return self.target(x)
-        captured: list[torch.Tensor] = []
-        handle = self.target.head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-        try:
-            logits = self.target(x)
-        finally:
-            handle.remove()
-        h = captured[0].flatten(1)
+        logits, h = self.target.logits_and_embedding(x)
         return logits, h, self.projector(h)
 
     def key_values(self) -> list[torch.Tensor]:

@@ -90,18 +90,6 @@ def batch_spectral_shrinkage(features: torch.Tensor, k: int) -> torch.Tensor:
     return sigma[-k:].pow(2).sum()
 
 
-def logits_and_head_input(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits of ``model(x)`` and what its head received, ``[B, D]``, from one forward pass (a
-    forward pre-hook on the head: the same for zoo nets and wrapped models)."""
-    captured: list[torch.Tensor] = []
-    handle = model.head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-    try:
-        logits = model(x)
-    finally:
-        handle.remove()
-    return logits, captured[-1].flatten(1)
-
-
 @register_method("bss")
 class BSS(Method):
     """Fine-tuning with Batch Spectral Shrinkage; see the module docstring.
@@ -130,5 +118,5 @@ class BSS(Method):
 
     def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         c: BSSConfig = self.config  # type: ignore[assignment]
-        logits, features = logits_and_head_input(model, x)
+        logits, features = model.logits_and_embedding(x)
         return {"task": F.cross_entropy(logits, y), "reg": c.eta * batch_spectral_shrinkage(features, c.k)}

@@ -50,13 +50,8 @@ class WithSourceHead(nn.Module):
         """``(target logits, source-head logits)`` from one pass through the shared blocks: the source
         head reads the very input of the target head (caught by a forward pre-hook, so that a wrapped
         model runs its own forward)."""
-        captured: list[torch.Tensor] = []
-        handle = self.target.head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-        try:
-            logits = self.target(x)
-        finally:
-            handle.remove()
-        return logits, self.source_head(captured[0])
+        logits, embedding = self.target.logits_and_embedding(x)
+        return logits, self.source_head(embedding)
 
 
 class SourceHeadMethod(Method):

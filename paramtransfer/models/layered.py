@@ -197,6 +197,17 @@ class LayeredNet(nn.Module):
         feats = self.features(x)
         return self.neck(feats[-1]).flatten(1)
 
+    def logits_and_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(x)`` and what the head received (flattened to ``[B, D]``) from one pass: a forward
+        pre-hook on the head, so that any forward (a wrapped model's own, hooks of a method) runs as is."""
+        captured: list[torch.Tensor] = []
+        handle = self.head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            logits = self(x)
+        finally:
+            handle.remove()
+        return logits, captured[-1].flatten(1)
+
     def unnamed_modules(self) -> list[nn.Module]:
         """The largest submodules that neither are nor contain a block or the head, and lie in none
         (see the class docstring); for a zoo net, the neck."""
@@ -344,13 +355,7 @@ class WrappedNet(LayeredNet):
         return logits, [captured[i] for i in range(len(self.block_names))]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        captured: list[torch.Tensor] = []
-        handle = self.head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-        try:
-            self.module(x)
-        finally:
-            handle.remove()
-        return captured[0].flatten(1)
+        return self.logits_and_embedding(x)[1]
 
     def _set_head(self, head: nn.Linear) -> None:
         parent_name, _, attr = self.head_name.rpartition(".")
