@@ -31,6 +31,7 @@ from paramtransfer.models.store import save_model
 
 CLI = [sys.executable, "-m", "paramtransfer.cli"]
 RUN = ["run", "--target", "fashion[5-9]", "--shots", "2", "--epochs", "1", "--quiet"]
+AUTO = ["auto", "--target", "fashion[5-9]", "--shots", "2", "--epochs", "2", "--quiet"]
 
 
 @dataclass(frozen=True)
@@ -918,6 +919,45 @@ CASES += [
         _with_weights("compare", "--methods", "finetune", "--quiet"),
         "not with --source fashion[0-4]",
     ),
+    # ---- auto: candidates, budget, race settings (refused before anything trains on the target) ----
+    Case("auto-no-sources", _plain(*AUTO), "give the candidate sources with --sources"),
+    Case("auto-unknown-source", _plain(*AUTO, "--sources", "nosuch"), "cannot read the candidate source"),
+    Case("auto-unknown-arch", _plain(*AUTO, "--sources", "lenet9@fashion[0-4]"), "unknown architecture"),
+    Case("auto-unknown-source-task", _plain(*AUTO, "--sources", "lenet@nosuchtask"), "nosuchtask"),
+    Case("auto-source-path-missing", _plain(*AUTO, "--sources", "./nope"), "no saved model there"),
+    Case(
+        "auto-torchvision-without-weights", _plain(*AUTO, "--sources", "torchvision:resnet18"), "weights file"
+    ),
+    Case(
+        "auto-source-does-not-fit-the-target",
+        lambda tmp, saved: [*AUTO, "--sources", str(saved), "--image-size", "64"],
+        "does not fit the target",
+    ),
+    Case("auto-source-twice", lambda tmp, saved: [*AUTO, "--sources", f"{saved},{saved}"], "more than once"),
+    Case(
+        "auto-budget-zero", lambda tmp, saved: [*AUTO, "--sources", str(saved), "--budget", "0"], "--budget 0"
+    ),
+    Case(
+        "auto-budget-above-one",
+        lambda tmp, saved: [*AUTO, "--sources", str(saved), "--budget", "1.5"],
+        "at most 1",
+    ),
+    Case(
+        "auto-budget-too-small",
+        lambda tmp, saved: [*AUTO, "--sources", str(saved), "--budget", "0.01"],
+        "is too small",
+    ),
+    Case("auto-eta-one", lambda tmp, saved: [*AUTO, "--sources", str(saved), "--eta", "1"], "--eta 1"),
+    Case(
+        "auto-unknown-score",
+        lambda tmp, saved: [*AUTO, "--sources", str(saved), "--score", "acc"],
+        "unknown score",
+    ),
+    Case(
+        "auto-no-method-fits-a-candidate",
+        lambda tmp, saved: [*AUTO, "--sources", str(saved), "--methods", "spottune"],
+        "none of the methods runs on it",
+    ),
 ]
 
 
@@ -959,7 +999,7 @@ def test_bad_input_one_line_exit_2_nothing_changed(case: Case, saved_lenet: Path
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     argv = case.argv(scratch, saved_lenet)
-    if "--out" not in argv and argv[0] in ("run", "compare", "demo", "pretrain"):
+    if "--out" not in argv and argv[0] in ("run", "compare", "demo", "pretrain", "auto"):
         argv = [*argv, "--out", str(scratch / "out")]
     before = _snapshot(scratch)
     if case.process:

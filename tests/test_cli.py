@@ -313,7 +313,7 @@ def test_config_file_never_wins_over_an_explicit_flag(tmp_path, monkeypatch, cap
     assert seen[1].seeds == [0] and seen[1].shots == 5
 
 
-@pytest.mark.parametrize("command", ["run", "compare", "demo"])
+@pytest.mark.parametrize("command", ["run", "compare", "demo", "auto"])
 def test_help_lists_task_specs_and_environment(command, capsys):
     with pytest.raises(SystemExit) as stop:
         main([command, "--help"])

@@ -1,4 +1,4 @@
-"""The ``paramtransfer`` command: pretrain | run | compare | demo | bench | report | modelset | rank.
+"""The ``paramtransfer`` command: pretrain | run | compare | demo | bench | report | modelset | rank | auto.
 
 Bad input (unknown method or arch, class range outside the dataset, missing data, bad shots, a
 malformed ``--set``, a source that does not fit) ends with one line on stderr and exit code 2.
@@ -13,6 +13,7 @@ One module per subcommand, each with its ``add_parser(sub)`` (the argparse defin
   bench                 cli/bench.py      the benchmark suites and report.md beside the papers' numbers
   modelset build|eval   cli/modelset.py   LPS model sets: build one, evaluate LPS on it
   rank                  cli/rank.py       rank candidate sources for a target (LPS, LogME, LEEP, NCE, ...)
+  auto                  cli/auto.py       rank sources, race source x method x lr, train the winner
 
 cli/common.py holds what two or more of them share: the source/target/output/executor flags, the
 ``--set`` help text and :func:`~paramtransfer.cli.common.parse_sets`, the flag value parsers, the
@@ -30,7 +31,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from paramtransfer.cli import bench, compare, modelset, pretrain, rank, report, run
+from paramtransfer.cli import auto, bench, compare, modelset, pretrain, rank, report, run
 from paramtransfer.cli.common import _Parser
 from paramtransfer.errors import UserError
 
@@ -45,6 +46,7 @@ COMMANDS: dict[str, ModuleType] = {
     "bench": bench,
     "modelset": modelset,
     "rank": rank,
+    "auto": auto,
 }
 
 

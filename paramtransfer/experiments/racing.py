@@ -1,0 +1,151 @@
+"""Successive halving (Jamieson & Talwalkar, AISTATS 2016, Alg. 1; one bracket of Li et al.'s Hyperband,
+JMLR 2018): race configurations on short runs, keep the best ``1/eta`` after each rung.
+
+Pure Python (no torch): the race is a function of the scores it is given, so it is tested on synthetic
+learning curves, and the same scores give the same decisions whichever executor produced them and in
+whatever order they finished.
+
+The plan, from ``n`` configurations, a reduction factor ``eta`` >= 2, the full number of epochs ``E`` and a
+budget ``B`` in *configuration-epochs* (one configuration trained for one epoch):
+
+* rung sizes: ``n_0 = n``, ``n_{k+1} = max(1, floor(n_k / eta))``; the rungs are those with ``n_k >= 2``
+  (a rung of one configuration has nothing to race: it is the winner), so there are
+  ``K = len(rungs)`` of them (``n = 12, eta = 3``: rungs of 12 and 4, the winner is the best of the 4);
+* epochs: each rung gets an equal share ``B / K`` of the budget, split equally among its configurations
+  (Jamieson & Talwalkar's allocation): ``r_k = min(E, floor(B / (K * n_k)))``. So ``sum_k n_k * r_k <= B``
+  always, ``r_k`` grows as the field shrinks, and the race is possible only when ``r_0 >= 1``, i.e.
+  ``B >= K * n`` (:func:`min_budget`);
+* each rung trains its configurations *from scratch* for ``r_k`` epochs (the caller's choice, see
+  :mod:`paramtransfer.selection.auto`), ranks them by score (higher is better; ties go to the name that
+  sorts first; a missing score, e.g. a diverged run, ranks last) and keeps the first ``n_{k+1}``.
+
+Why not Ray Tune or Optuna: Optuna is not installed here, Ray Tune would need ``ray[tune]`` beyond the
+``ray`` the executor uses, and neither gives what the project needs from the race: runs that live in
+ordinary run folders (``train_model``'s files), so that a killed race resumes from them and
+``paramtransfer report`` reads them, and decisions that depend on the finished results alone (Tune's ASHA
+promotes asynchronously, in completion order). The whole algorithm is the few lines below.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+Score = float | tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Rung:
+    """``configs`` configurations train ``epochs`` epochs each; the best ``keep`` go on (1: the winner)."""
+
+    index: int
+    configs: int
+    epochs: int
+    keep: int
+
+
+def rung_sizes(n: int, eta: int) -> list[int]:
+    """How many configurations each rung races: ``n, n // eta, ...`` while at least two are left."""
+    _check(n, eta)
+    sizes = []
+    while n >= 2:
+        sizes.append(n)
+        n = max(1, n // eta)
+    return sizes
+
+
+def min_budget(n: int, eta: int) -> int:
+    """The smallest budget (configuration-epochs) that gives every configuration of the first rung one
+    epoch under :func:`plan_rungs`'s allocation; 0 for a single configuration (no race)."""
+    sizes = rung_sizes(n, eta)
+    return len(sizes) * sizes[0] if sizes else 0
+
+
+def plan_rungs(n: int, eta: int, max_epochs: int, budget: int) -> list[Rung]:
+    """The rungs of a race of ``n`` configurations within ``budget`` configuration-epochs (module doc).
+
+    Raises:
+        ValueError: the budget is below :func:`min_budget` (callers turn it into a user's error).
+    """
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs must be at least 1 (got {max_epochs})")
+    sizes = rung_sizes(n, eta)
+    if budget < min_budget(n, eta):
+        raise ValueError(
+            f"a race of {n} configurations needs at least {min_budget(n, eta)} configuration-epochs"
+        )
+    k = len(sizes)
+    keeps = [*sizes[1:], 1][:k]
+    return [
+        Rung(i, size, min(max_epochs, budget // (k * size)), keep)
+        for i, (size, keep) in enumerate(zip(sizes, keeps, strict=True))
+    ]
+
+
+def plan_cost(rungs: Sequence[Rung]) -> int:
+    """Configuration-epochs the rungs train (at most the budget they were planned with)."""
+    return sum(r.configs * r.epochs for r in rungs)
+
+
+def _key(score: Score | None) -> tuple[float, ...]:
+    if score is None:
+        return (-math.inf,)
+    values = (score,) if isinstance(score, int | float) else tuple(score)
+    return tuple(-math.inf if math.isnan(v) else float(v) for v in values)
+
+
+def rank_arms(scores: Mapping[str, Score | None]) -> list[str]:
+    """Names best first: higher score first, ties (and equal missing scores) by name."""
+    by_name = sorted(scores)
+    return sorted(by_name, key=lambda a: _key(scores[a]), reverse=True)  # stable: ties stay by name
+
+
+@dataclass
+class RungResult:
+    rung: Rung
+    scores: dict[str, Score | None]
+    order: list[str]  # every configuration of the rung, best first
+    survivors: list[str]
+
+
+@dataclass
+class RaceOutcome:
+    winner: str
+    rungs: list[RungResult] = field(default_factory=list)
+
+    @property
+    def cost(self) -> int:
+        return plan_cost([r.rung for r in self.rungs])
+
+
+Evaluate = Callable[[list[str], Rung], Mapping[str, Score | None]]
+
+
+def successive_halving(arms: Sequence[str], rungs: Sequence[Rung], evaluate: Evaluate) -> RaceOutcome:
+    """Race ``arms`` through ``rungs`` (from :func:`plan_rungs` with ``n = len(arms)``).
+
+    ``evaluate(alive, rung)`` trains every configuration in ``alive`` for ``rung.epochs`` and returns one
+    score per name. Returns the winner and every rung's scores, order and survivors.
+    """
+    alive = list(arms)
+    if len(set(alive)) != len(alive) or not alive:
+        raise ValueError(f"give distinct configurations to race (got {alive})")
+    if len(alive) != (rungs[0].configs if rungs else 1):
+        raise ValueError(f"the rungs were planned for {rungs[0].configs if rungs else 1} configurations")
+    done: list[RungResult] = []
+    for rung in rungs:
+        scores = dict(evaluate(list(alive), rung))
+        if set(scores) != set(alive):
+            raise ValueError(f"rung {rung.index}: scores for {sorted(scores)}, expected {sorted(alive)}")
+        order = rank_arms(scores)
+        alive = order[: rung.keep]
+        done.append(RungResult(rung, scores, order, list(alive)))
+    return RaceOutcome(alive[0], done)
+
+
+def _check(n: int, eta: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"race at least one configuration (got {n})")
+    if isinstance(eta, bool) or not isinstance(eta, int) or eta < 2:
+        raise ValueError(f"eta must be a whole number of at least 2 (got {eta})")

@@ -1,0 +1,278 @@
+"""``paramtransfer auto``: pick the source and the strategy for a target at a fraction of a grid's cost.
+
+1. **Rank** every candidate source (:mod:`paramtransfer.selection.candidates`) by a fast score
+   (:data:`DEFAULT_SCORE` unless ``score``) on the target's training split, converted to that source's
+   input: one forward pass, nothing trained on the target. Keep the best ``keep``.
+2. **Race** the kept sources x method variants (``finetune[freeze=all]`` expanded as in compare) x learning
+   rates, one seed (the first of ``seeds``), by successive halving with factor ``eta``
+   (:mod:`paramtransfer.experiments.racing`) on the validation split. Each rung trains its configurations
+   *from scratch* with the full recipe (the same schedule, over the rung's epochs): the trainer deletes a
+   finished run's checkpoint and its run identity includes the epochs, so continuing a survivor would
+   need a schedule that ignores the total (``constant``) and a second kind of run; retraining keeps every
+   rung an ordinary, reusable run and its cost is counted in full.
+3. **Train the winner** fully: ``epochs`` epochs, every seed of ``seeds``, under ``OUT/final`` as a
+   comparison of one variant (``results.json``, ``table.md``: ``paramtransfer report OUT/final`` reads it).
+   Test accuracy is reported here and never used for a decision.
+
+**Budget.** Compute is counted in training examples (epochs x the target's training-set size; the
+ranking's forward passes are not training, their time is reported). The exhaustive grid is every candidate
+source x variant x learning rate x seed, ``epochs`` each. ``budget`` is the fraction of it that auto may
+spend: the winner's final training (``len(seeds) x epochs``) is reserved first, the race gets the rest
+(rung epochs from :func:`~paramtransfer.experiments.racing.plan_rungs`). When the race of the ``keep`` best
+sources does not fit, the lowest-ranked kept source is dropped until it does; when not even one source's
+race fits, it is a UserError naming the budget needed. The planned total never exceeds the budget (an
+early-stopped run uses less; both are reported).
+
+**Resume and determinism.** Every run lives in its own folder (``OUT/race/rung=K/SOURCE/runs/...``,
+``OUT/final/runs/...``) and :func:`~paramtransfer.experiments.run.train_model` reuses finished runs and
+resumes a killed one from its checkpoint, so a killed auto run again continues where it stopped. Decisions
+depend only on the results (validation accuracy, then the lower validation loss, then the name), never on
+the order in which an executor returns them: local and Ray give the same decisions. ``OUT/auto_config.json``
+guards the folder against another auto's settings (:mod:`paramtransfer.selection.autoconfig`).
+
+Layer: this lives in ``selection`` (not ``experiments``) because it ranks with
+:func:`~paramtransfer.selection.rank.fast_scores`; the race itself is the pure ``experiments.racing``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from paramtransfer.errors import UserError
+from paramtransfer.experiments.compare import CompareConfig, PlannedRun, _job, plan_runs, run_job
+from paramtransfer.experiments.executors import Executor, make_executor
+from paramtransfer.experiments.racing import Rung, min_budget, plan_cost, plan_rungs, successive_halving
+from paramtransfer.results import RESULT, RunResult, _best_val_loss, select
+from paramtransfer.selection.autoconfig import (  # noqa: F401  (the defaults, re-exported)
+    CONFIG_FILE,
+    DEFAULT_BUDGET,
+    DEFAULT_ETA,
+    DEFAULT_KEEP,
+    DEFAULT_METHODS,
+    DEFAULT_SCORE,
+    AutoConfig,
+    check_out_dir,
+    methods_for,
+)
+from paramtransfer.selection.candidates import Candidate, load_candidate, rank_candidates, timed_scores
+from paramtransfer.train.checkpoint import atomic_write_bytes, atomic_write_json
+
+
+def _name(c: Candidate, p: PlannedRun) -> str:
+    return f"{c.name} · {p.variant}" + (f" · lr={p.lr:g}" if p.lr is not None else "")
+
+
+def _run_all(jobs: list[dict[str, Any]], runner: Executor, desc: str, progress: bool) -> list[RunResult]:
+    """Every job's result: finished runs read back, the others run on ``runner`` (any completion order)."""
+    results: list[RunResult | None] = [run_job({**job, "reuse_only": True}) for job in jobs]
+    todo = [i for i, r in enumerate(results) if r is None]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run")
+    for k, result in runner.map(run_job, [jobs[i] for i in todo]):
+        i = todo[k]
+        results[i] = result
+        if not (Path(jobs[i]["out"]) / RESULT).is_file():  # a worker without our filesystem
+            result.save(Path(jobs[i]["out"]) / RESULT)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return [r for r in results if r is not None]
+
+
+def _score(r: RunResult) -> tuple[float, float] | None:
+    return (r.val_accuracy, -_best_val_loss(r)) if r.status == "ok" and r.val_accuracy is not None else None
+
+
+def auto(
+    config: AutoConfig, out: str | Path, *, progress: bool = True, executor: str | Executor | None = None
+) -> dict[str, Any]:
+    """Rank, race and train the winner (module doc); writes ``OUT/auto.json``, ``OUT/auto.md`` and
+    ``OUT/final``; returns the content of ``auto.json``."""
+    from paramtransfer.report import write_report
+    from paramtransfer.report.auto import format_auto
+
+    t_start = time.perf_counter()
+    root = Path(out)
+    check_out_dir(config, root)
+    candidates = config.candidates()
+    for c in candidates:  # cheap checks (method options, method x architecture) before anything loads
+        if c.arch is not None:
+            methods_for(config, c, c.arch)
+    runner = make_executor(executor)
+
+    t0 = time.perf_counter()
+    kw = {"epochs": config.source_epochs, "seed": config.source_seed, "limit": config.source_limit}
+    sources = {c.name: load_candidate(c, progress=progress, **kw) for c in candidates}
+    sources_time = time.perf_counter() - t0
+    race_seed = config.seeds[0]
+    data = {k: config.data.get(k) for k in ("val_shots", "test_limit", "image_size", "memory_mb")}
+    rows, n_train, ranking_time = timed_scores(
+        candidates,
+        sources,
+        target=config.target,
+        shots=config.shots,
+        seed=race_seed,
+        data={**{k: v for k, v in data.items() if v is not None}, "limit": None},
+        train_options=config.train,
+    )
+    by_name = {c.name: c for c in candidates}
+    ranked = [by_name[r["name"]] for r in rank_candidates(rows, config.score)]
+
+    def plan(c: Candidate, seeds: list[int]) -> tuple[CompareConfig, list[PlannedRun]]:
+        methods, _ = methods_for(config, c, sources[c.name].arch)
+        cfg = config.compare_config(c, sources[c.name].arch, methods, seeds=seeds)
+        return cfg, plan_runs(cfg, sources[c.name])
+
+    grid_epochs = sum(config.epochs for c in candidates for p in plan(c, config.seeds)[1] if p.lr is not None)
+    final_reserve = len(config.seeds) * config.epochs
+    allowed = math.floor(config.budget * grid_epochs + 1e-9)
+    race_budget = allowed - final_reserve
+    arms: dict[str, tuple[Candidate, PlannedRun]] = {}
+    kept = ranked[: config.keep]
+    while kept:
+        arms = {_name(c, p): (c, p) for c in kept for p in plan(c, [race_seed])[1]}
+        if race_budget >= min_budget(len(arms), config.eta):
+            break
+        kept = kept[:-1]
+    if not kept:
+        n_top = len(plan(ranked[0], [race_seed])[1])
+        needed = (final_reserve + min_budget(n_top, config.eta)) / max(grid_epochs, 1)
+        cure = (
+            f"give --budget {math.ceil(needed * 1000) / 1000:g} or fewer --methods/--lr"
+            if needed <= 1
+            else "that is more than the whole grid: give fewer --methods/--lr or more --epochs"
+        )
+        raise UserError(
+            f"--budget {config.budget:g} is too small: training the winner ({len(config.seeds)} seed(s) x "
+            f"{config.epochs} epochs) and racing the {n_top} configurations of the best source need "
+            f"{needed:.3g} of the exhaustive grid; {cure}"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / CONFIG_FILE, dataclasses.asdict(config))
+    rungs = plan_rungs(len(arms), config.eta, config.epochs, race_budget) if len(arms) > 1 else []
+    race_runs: dict[tuple[int, str], RunResult] = {}
+
+    def evaluate(alive: list[str], rung: Rung) -> dict[str, Any]:
+        jobs = []
+        for name in alive:
+            c, p = arms[name]
+            cfg = config.compare_config(
+                c, sources[c.name].arch, [p.spec], epochs=rung.epochs, seeds=[race_seed]
+            )
+            jobs.append(_job(cfg, p, sources[c.name], root / "race" / f"rung={rung.index}" / c.folder))
+        results = _run_all(jobs, runner, f"rung {rung.index} ({rung.epochs} epochs)", progress)
+        for name, r in zip(alive, results, strict=True):
+            race_runs[(rung.index, name)] = r
+        return {name: _score(r) for name, r in zip(alive, results, strict=True)}
+
+    t0 = time.perf_counter()
+    race = successive_halving(list(arms), rungs, evaluate)
+    race_time = time.perf_counter() - t0
+    wc, wp = arms[race.winner]
+    final_cfg = config.compare_config(wc, sources[wc.name].arch, [wp.spec])
+    final_plan = [dataclasses.replace(wp, seed=s) for s in config.seeds]
+    t0 = time.perf_counter()
+    final_runs = _run_all(
+        [_job(final_cfg, p, sources[wc.name], root / "final") for p in final_plan], runner, "final", progress
+    )
+    final_time = time.perf_counter() - t0
+    summary = {
+        "config": {**dataclasses.asdict(final_cfg), "lrs": [wp.lr] if wp.lr is not None else []},
+        "source": getattr(sources[wc.name], "source_info", None),
+        "selected": select(final_runs),
+        "runs": [r.to_dict() for r in final_runs],
+    }
+    atomic_write_json(root / "final" / "results.json", summary)
+    write_report(summary, root / "final")
+
+    def epochs_run(r: RunResult) -> int:
+        return len(r.history)
+
+    race_used = sum(epochs_run(r) for r in race_runs.values())
+    final_used = sum(epochs_run(r) for r in final_runs)
+    planned = plan_cost(rungs) + (final_reserve if wp.lr is not None else 0)
+    report = {
+        "config": dataclasses.asdict(config),
+        "target": config.target,
+        "train_examples": n_train,
+        "ranking": {
+            "score": config.score,
+            "candidates": rank_candidates(rows, config.score),
+            "kept": [c.name for c in kept],
+            "dropped_for_budget": [c.name for c in ranked[len(kept) : config.keep]],
+            "skipped_methods": {c.name: methods_for(config, c, sources[c.name].arch)[1] for c in kept},
+        },
+        "race": {
+            "eta": config.eta,
+            "seed": race_seed,
+            "configurations": len(arms),
+            "winner": race.winner,
+            "rungs": [_rung_record(rr, arms, race_runs) for rr in race.rungs],
+        },
+        "decision": {
+            "source": wc.name,
+            "variant": wp.variant,
+            "lr": wp.lr,
+            "score_rank": [c.name for c in ranked].index(wc.name) + 1,
+            "final": summary["selected"].get(wp.variant, {}),
+        },
+        "compute": {
+            "budget": config.budget,
+            "grid_examples": grid_epochs * n_train,
+            "planned_examples": planned * n_train,
+            "planned_ratio": planned / grid_epochs if grid_epochs else None,
+            "race_examples": race_used * n_train,
+            "final_examples": final_used * n_train,
+            "used_examples": (race_used + final_used) * n_train,
+            "ratio": (race_used + final_used) / grid_epochs if grid_epochs else None,
+            "wall_time_s": {
+                "sources": sources_time,
+                "ranking": ranking_time,
+                "race": race_time,
+                "final": final_time,
+                "race_runs": sum(r.wall_time_s for r in race_runs.values()),
+                "final_runs": sum(r.wall_time_s for r in final_runs),
+                "total": time.perf_counter() - t_start,
+            },
+        },
+    }
+    atomic_write_json(root / "auto.json", report)
+    atomic_write_bytes(root / "auto.md", format_auto(report).encode())
+    return report
+
+
+def _rung_record(rr: Any, arms: dict[str, tuple[Candidate, PlannedRun]], runs: dict) -> dict[str, Any]:
+    rows = []
+    for position, name in enumerate(rr.order, 1):
+        c, p = arms[name]
+        r: RunResult = runs[(rr.rung.index, name)]
+        rows.append(
+            {
+                "name": name,
+                "source": c.name,
+                "variant": p.variant,
+                "lr": p.lr,
+                "place": position,
+                "survived": name in rr.survivors,
+                "status": r.status,
+                "val_accuracy": r.val_accuracy,
+                "val_loss": _best_val_loss(r) if r.status == "ok" else None,
+                "epochs_trained": len(r.history),
+                "val_curve": [h.get("val_accuracy") for h in r.history],
+            }
+        )
+    return {
+        "rung": rr.rung.index,
+        "epochs": rr.rung.epochs,
+        "keep": rr.rung.keep,
+        "configs": rows,
+        "survivors": list(rr.survivors),
+    }
