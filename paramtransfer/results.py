@@ -70,7 +70,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _best_val_loss(r: RunResult) -> float:
+def best_val_loss(r: RunResult) -> float:
     if r.best_epoch is None or not r.history:
         return 0.0
     return float(r.history[r.best_epoch - 1].get("val_loss", 0.0))
@@ -90,7 +90,7 @@ def select(runs: list[RunResult]) -> dict[str, dict[str, Any]]:
                 diverged[str(lr)] = f"{len(bad)}/{len(rs)}"
                 continue
             per_lr[lr] = _mean_std([r.val_accuracy for r in rs])[0]
-            val_loss[lr] = _mean_std([_best_val_loss(r) for r in rs])[0]
+            val_loss[lr] = _mean_std([best_val_loss(r) for r in rs])[0]
         entry: dict[str, Any] = {
             "val_by_lr": {str(k): v for k, v in per_lr.items()},
             "diverged_lrs": diverged,

@@ -160,7 +160,7 @@ def source_scores(cfg: CompareConfig, names: list[str]) -> dict[str, Any]:
     import statistics
 
     from paramtransfer.experiments.compare import resolve_source
-    from paramtransfer.experiments.run import _target_task, runtime_of
+    from paramtransfer.experiments.run import runtime_of, target_task
     from paramtransfer.selection.rank import fast_scores
 
     src = resolve_source(
@@ -174,7 +174,7 @@ def source_scores(cfg: CompareConfig, names: list[str]) -> dict[str, Any]:
     data = {k: v for k, v in cfg.data.items() if k in ("val_shots", "test_limit", "image_size", "memory_mb")}
     per_seed: dict[str, list[float]] = {n: [] for n in names}
     for seed in cfg.seeds:
-        task = _target_task(cfg.target, src, cfg.shots, seed, data)
+        task = target_task(cfg.target, src, cfg.shots, seed, data)
         values = fast_scores(src, task, runtime_of(cfg.train))
         for n in names:
             per_seed[n].append(values[n])

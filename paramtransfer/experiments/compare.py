@@ -371,34 +371,9 @@ def compare(
         run_source = src
         if p.arch_kwargs:  # its own source, or none (scratch builds the architecture from arch_kwargs)
             run_source = source_for(p.arch_kwargs) if METHODS.get(p.spec).needs_source else None
-        jobs.append(_job(config, p, run_source, root))
-    runner = make_executor(executor)
-    # complete runs are read here, so that only the missing ones go to the executor
-    results: list[RunResult | None] = [run_job({**job, "reuse_only": True}) for job in jobs]
-    todo = [i for i, r in enumerate(results) if r is None]
-    stale = [i for i in todo if (Path(jobs[i]["out"]) / RESULT).is_file()]
-    if stale:
-        warn_user(
-            f"{len(stale)} finished run(s) under {root} (e.g. {Path(jobs[stale[0]]['out']) / RESULT}) were "
-            "made with other settings (e.g. a retrained source) or cannot be read, and are run again (their "
-            "result.json is replaced); use another --out to keep both"
-        )
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="runs", unit="run")
-    for k, result in runner.map(run_job, [jobs[i] for i in todo]):
-        i = todo[k]
-        results[i] = result
-        if not (Path(jobs[i]["out"]) / RESULT).is_file():  # a worker without our filesystem
-            result.save(Path(jobs[i]["out"]) / RESULT)
-        if bar is not None:
-            bar.set_postfix_str(f"{plan[i].variant} lr={plan[i].lr} seed={plan[i].seed}")
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    done = [r for r in results if r is not None]
+        jobs.append(make_job(config, p, run_source, root))
+    labels = [f"{p.variant} lr={p.lr} seed={p.seed}" for p in plan]
+    done = run_jobs(jobs, make_executor(executor), progress=progress, labels=labels, root=root)
     summary = {
         "config": dataclasses.asdict(config),
         "source": getattr(src, "source_info", None) if src is not None else None,
@@ -414,7 +389,7 @@ def compare(
     return summary
 
 
-def _job(config: CompareConfig, p: PlannedRun, source: LayeredNet | None, root: Path) -> dict[str, Any]:
+def make_job(config: CompareConfig, p: PlannedRun, source: LayeredNet | None, root: Path) -> dict[str, Any]:
     """One run of a comparison as plain arguments of :func:`run_job` (picklable, for Ray)."""
     return {
         "spec": p.spec,
@@ -443,3 +418,43 @@ def run_job(job: dict[str, Any]) -> RunResult | None:
     method = make_method(args.pop("spec"), **args.pop("options"))
     result, _ = train_model(method, **args)
     return result
+
+
+def run_jobs(
+    jobs: list[dict[str, Any]],
+    runner: Executor,
+    *,
+    progress: bool,
+    desc: str = "runs",
+    labels: list[str] | None = None,
+    root: Path | None = None,
+) -> list[RunResult]:
+    """The result of every :func:`run_job` job, in order: complete runs are read back here, only the
+    missing ones go to ``runner`` (which may finish them in any order); each ``result.json`` is on disk
+    as soon as its run ends. With ``root``, warn about finished runs under it that are run again."""
+    results: list[RunResult | None] = [run_job({**job, "reuse_only": True}) for job in jobs]
+    todo = [i for i, r in enumerate(results) if r is None]
+    stale = [i for i in todo if (Path(jobs[i]["out"]) / RESULT).is_file()]
+    if stale and root is not None:
+        warn_user(
+            f"{len(stale)} finished run(s) under {root} (e.g. {Path(jobs[stale[0]]['out']) / RESULT}) were "
+            "made with other settings (e.g. a retrained source) or cannot be read, and are run again (their "
+            "result.json is replaced); use another --out to keep both"
+        )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run")
+    for k, result in runner.map(run_job, [jobs[i] for i in todo]):
+        i = todo[k]
+        results[i] = result
+        if not (Path(jobs[i]["out"]) / RESULT).is_file():  # a worker without our filesystem
+            result.save(Path(jobs[i]["out"]) / RESULT)
+        if bar is not None:
+            if labels is not None:
+                bar.set_postfix_str(labels[i])
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return [r for r in results if r is not None]

@@ -179,7 +179,7 @@ def _check_source_size(source: LayeredNet | None, spec: InputSpec) -> None:
         source.train(was)
 
 
-def _target_task(
+def target_task(
     target: str | Task, source: LayeredNet | None, shots: int | None, seed: int, data: dict[str, Any]
 ) -> Task:
     """The target task, converted to the source's input (``data``: val_shots, limit, test_limit,
@@ -367,7 +367,7 @@ def train_model(
     if image_size is not None:
         data["image_size"] = image_size
     budget = {"memory_mb": memory_mb} if memory_mb is not None else {}
-    task = _target_task(target, source, shots, seed, {**data, **budget})
+    task = target_task(target, source, shots, seed, {**data, **budget})
     run = _setup(
         m,
         task,

@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from paramtransfer.errors import UserError
-from paramtransfer.experiments.compare import CompareConfig, PlannedRun, _job, plan_runs, run_job
+from paramtransfer.experiments.compare import CompareConfig, PlannedRun, make_job, plan_runs, run_jobs
 from paramtransfer.experiments.executors import Executor, make_executor
 from paramtransfer.experiments.racing import Rung, min_budget, plan_cost, plan_rungs, successive_halving
-from paramtransfer.results import RESULT, RunResult, _best_val_loss, select
+from paramtransfer.results import RunResult, best_val_loss, select
 from paramtransfer.selection.autoconfig import (  # noqa: F401  (the defaults, re-exported)
     CONFIG_FILE,
     DEFAULT_BUDGET,
@@ -66,29 +66,8 @@ def _name(c: Candidate, p: PlannedRun) -> str:
     return f"{c.name} · {p.variant}" + (f" · lr={p.lr:g}" if p.lr is not None else "")
 
 
-def _run_all(jobs: list[dict[str, Any]], runner: Executor, desc: str, progress: bool) -> list[RunResult]:
-    """Every job's result: finished runs read back, the others run on ``runner`` (any completion order)."""
-    results: list[RunResult | None] = [run_job({**job, "reuse_only": True}) for job in jobs]
-    todo = [i for i, r in enumerate(results) if r is None]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run")
-    for k, result in runner.map(run_job, [jobs[i] for i in todo]):
-        i = todo[k]
-        results[i] = result
-        if not (Path(jobs[i]["out"]) / RESULT).is_file():  # a worker without our filesystem
-            result.save(Path(jobs[i]["out"]) / RESULT)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return [r for r in results if r is not None]
-
-
 def _score(r: RunResult) -> tuple[float, float] | None:
-    return (r.val_accuracy, -_best_val_loss(r)) if r.status == "ok" and r.val_accuracy is not None else None
+    return (r.val_accuracy, -best_val_loss(r)) if r.status == "ok" and r.val_accuracy is not None else None
 
 
 def auto(
@@ -167,8 +146,8 @@ def auto(
             cfg = config.compare_config(
                 c, sources[c.name].arch, [p.spec], epochs=rung.epochs, seeds=[race_seed]
             )
-            jobs.append(_job(cfg, p, sources[c.name], root / "race" / f"rung={rung.index}" / c.folder))
-        results = _run_all(jobs, runner, f"rung {rung.index} ({rung.epochs} epochs)", progress)
+            jobs.append(make_job(cfg, p, sources[c.name], root / "race" / f"rung={rung.index}" / c.folder))
+        results = run_jobs(jobs, runner, progress=progress, desc=f"rung {rung.index} ({rung.epochs} epochs)")
         for name, r in zip(alive, results, strict=True):
             race_runs[(rung.index, name)] = r
         return {name: _score(r) for name, r in zip(alive, results, strict=True)}
@@ -180,9 +159,8 @@ def auto(
     final_cfg = config.compare_config(wc, sources[wc.name].arch, [wp.spec])
     final_plan = [dataclasses.replace(wp, seed=s) for s in config.seeds]
     t0 = time.perf_counter()
-    final_runs = _run_all(
-        [_job(final_cfg, p, sources[wc.name], root / "final") for p in final_plan], runner, "final", progress
-    )
+    final_jobs = [make_job(final_cfg, p, sources[wc.name], root / "final") for p in final_plan]
+    final_runs = run_jobs(final_jobs, runner, progress=progress, desc="final")
     final_time = time.perf_counter() - t0
     summary = {
         "config": {**dataclasses.asdict(final_cfg), "lrs": [wp.lr] if wp.lr is not None else []},
@@ -264,7 +242,7 @@ def _rung_record(rr: Any, arms: dict[str, tuple[Candidate, PlannedRun]], runs: d
                 "survived": name in rr.survivors,
                 "status": r.status,
                 "val_accuracy": r.val_accuracy,
-                "val_loss": _best_val_loss(r) if r.status == "ok" else None,
+                "val_loss": best_val_loss(r) if r.status == "ok" else None,
                 "epochs_trained": len(r.history),
                 "val_curve": [h.get("val_accuracy") for h in r.history],
             }

@@ -25,7 +25,7 @@ from typing import Any
 from paramtransfer.data.specs import parse_spec
 from paramtransfer.errors import UserError
 from paramtransfer.experiments.pretrain import resolve_source
-from paramtransfer.experiments.run import _target_task, runtime_of
+from paramtransfer.experiments.run import runtime_of, target_task
 from paramtransfer.methods.base import split_method_list
 from paramtransfer.models.layered import LayeredNet
 from paramtransfer.models.store import (
@@ -139,7 +139,7 @@ def score_candidate(
     that split's size. A target the candidate cannot take (channels, image size) is a UserError naming it,
     raised here, before anything trains on the target."""
     try:
-        task = _target_task(target, source, shots, seed, data)
+        task = target_task(target, source, shots, seed, data)
         scores = fast_scores(source, task, runtime_of(train_options))
     except UserError as err:
         raise UserError(f"candidate {c.name} does not fit the target {target}: {err}") from None
