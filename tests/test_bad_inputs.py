@@ -698,6 +698,16 @@ CASES: list[Case] = [
         lambda tmp, saved: _bench_setting(tmp, "scores: [lps]\n"),
         "scores must be a list of logme, leep, nce, hscore, hscore_shrinkage, transrate",
     ),
+    Case(
+        "bench-auto-setting-no-sources",
+        lambda tmp, saved: _bench_setting(tmp, "kind: auto\nsources: []\n"),
+        "tiny/one: sources: give the candidate sources as a list",
+    ),
+    Case(
+        "bench-auto-setting-budget-above-1",
+        lambda tmp, saved: _bench_setting(tmp, "kind: auto\nsources: [lenet@digits]\nbudget: 1.5\n"),
+        "--budget 1.5: give the fraction of the exhaustive grid",
+    ),
     Case("set-augment-text", _plain(*RUN, "--method", "scratch", "--set", "train.augment=maybe"), "augment"),
     Case("set-bn-unknown", _plain(*RUN, "--method", "finetune", "--set", "train.bn=fixed"), "bn='fixed'"),
     Case(

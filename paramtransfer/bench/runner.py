@@ -21,8 +21,9 @@ Output (``OUT``, default ``runs/bench``)::
 **Kinds.** A setting YAML may name its kind with a top-level ``kind:`` key (default ``compare``: the
 rest of the file is a :class:`~paramtransfer.experiments.compare.CompareConfig`). A kind is a runner and
 a report renderer, registered by name from its own module (``compare``: :mod:`paramtransfer.bench.compare`,
-``lps``: :mod:`paramtransfer.bench.lps`); list that module in ``paramtransfer.bench.suites.KIND_MODULES``
-(one line) so that it is imported the first time a setting names the kind::
+``lps``: :mod:`paramtransfer.bench.lps`, ``auto``: :mod:`paramtransfer.bench.autobench`); list that module
+in ``paramtransfer.bench.suites.KIND_MODULES`` (one line) so that it is imported the first time a setting
+names the kind::
 
     from paramtransfer.bench.suites import Section, register_kind
 

@@ -57,7 +57,11 @@ KINDS: Registry[BenchKind] = Registry("benchmark kind")
 
 # Kinds are registered by their own modules, imported the first time a setting names them, so that no
 # import order matters: kind -> the module whose import calls register_kind.
-KIND_MODULES: dict[str, str] = {"compare": "paramtransfer.bench.compare", "lps": "paramtransfer.bench.lps"}
+KIND_MODULES: dict[str, str] = {
+    "compare": "paramtransfer.bench.compare",
+    "lps": "paramtransfer.bench.lps",
+    "auto": "paramtransfer.bench.autobench",
+}
 
 
 def register_kind(name: str, runner: Runner, renderer: Renderer) -> BenchKind:

@@ -10,7 +10,9 @@ rebuilt, from the settings' ``results.json`` alone:
   mean difference over the pairs per regulariser, and what DTNH did to negative transfer;
 * ``decathlon`` (SpotTune Table 2): every baseline and SpotTune variant on each target, with the Visual
   Decathlon score over the targets (``E_max`` = 2 x fine-tuning's error, the Decathlon's convention that
-  gives fine-tuning 250 per target), and Figs. 3-4 with one row per target.
+  gives fine-tuning 250 per target), and Figs. 3-4 with one row per target;
+* ``auto_oracle`` (issue 18): ``paramtransfer auto`` against the exhaustive oracle on each target, the
+  mean regret and compute ratio against the goal, and the mean weighted tau of each ranking score.
 """
 
 from __future__ import annotations
@@ -124,7 +126,15 @@ def decathlon(args: dict[str, Any], results: dict[str, dict[str, Any]], figures:
     return lines
 
 
-SUMMARIES: dict[str, Summary] = {"dtnh_pairs": dtnh_pairs, "decathlon": decathlon}
+def auto_oracle(args: dict[str, Any], results: dict[str, dict[str, Any]], figures: Path) -> list[str]:
+    """``paramtransfer auto`` against the exhaustive oracle over the targets (``args["settings"]``):
+    :func:`paramtransfer.bench.autobench.oracle_summary`."""
+    from paramtransfer.bench.autobench import oracle_summary
+
+    return oracle_summary({name: results[name] for name in args["settings"] if name in results})
+
+
+SUMMARIES: dict[str, Summary] = {"dtnh_pairs": dtnh_pairs, "decathlon": decathlon, "auto_oracle": auto_oracle}
 
 
 def write_suite_summary(
