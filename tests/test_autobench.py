@@ -13,13 +13,11 @@ import yaml
 
 import paramtransfer.experiments.compare as compare_module
 from paramtransfer.bench.autobench import (
-    build_folder_target,
-    build_imagenet_copy,
-    build_shuffled_npz,
     goal_claims,
     oracle_summary,
     parse_setting,
 )
+from paramtransfer.bench.autosources import build_folder_target, build_imagenet_copy, build_shuffled_npz
 from paramtransfer.cli import main
 from paramtransfer.data import load_task
 from paramtransfer.errors import UserError

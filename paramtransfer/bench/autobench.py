@@ -50,20 +50,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
+from paramtransfer.bench.autosources import (
+    build_folder_target,
+    build_imagenet_copy,
+    build_shuffled_npz,
+    check_built_source,
+    check_folder_target,
+)
 from paramtransfer.bench.paper import AGREE, DISAGREE, ClaimResult, Side, claim_verdict
 from paramtransfer.bench.suites import KINDS, Section, register_kind
-from paramtransfer.data.specs import parse_spec
 from paramtransfer.errors import UserError
 from paramtransfer.experiments.compare import check_methods, compare
 from paramtransfer.experiments.executors import make_executor
 from paramtransfer.methods.base import make_config
-from paramtransfer.models.zoo import list_models
 from paramtransfer.report.tables import label as variant_label
 from paramtransfer.results import RunResult, best_val_loss
 from paramtransfer.selection.autoconfig import AutoConfig, methods_for
@@ -73,8 +76,6 @@ from paramtransfer.train.checkpoint import atomic_write_bytes, atomic_write_json
 
 RESULTS = "results.json"
 DEFAULT_GOAL = {"regret": 1.0, "compute_ratio": 0.2}
-BUILT_SOURCES = ("imagenet", "shuffled_labels")
-_SHUFFLED_FIELDS = {"arch": str, "images": str, "examples": int, "seed": int}
 
 
 # ---- the setting -------------------------------------------------------------------------------------
@@ -108,11 +109,11 @@ def parse_setting(config: dict[str, Any]) -> AutoBenchSetting:
     if folder is not None:
         if "target" in config:
             raise UserError("give either target or folder_target, not both")
-        folder = _check_folder_target(folder)
+        folder = check_folder_target(folder)
     plain = [s for s in sources if isinstance(s, str)]
     for s in sources:
         if not isinstance(s, str):
-            _check_built(s)
+            check_built_source(s)
     # AutoConfig checks the rest (methods, lrs, budget, score, ...); the built sources do not exist yet,
     # so it sees the plain ones (or a stand-in) and a stand-in target for a folder to be written
     check = {**config, "sources": plain or ["imagenet"]}
@@ -121,126 +122,6 @@ def parse_setting(config: dict[str, Any]) -> AutoBenchSetting:
     ac: AutoConfig = make_config(AutoConfig, check, "benchmark setting")  # type: ignore[assignment,arg-type]
     check_methods(ac.compare_config(Candidate("x", "x", None), "lenet", ac.methods), None)  # names, options
     return AutoBenchSetting(config, sources, folder, {k: float(v) for k, v in goal.items()})
-
-
-def _check_folder_target(folder: Any) -> dict[str, Any]:
-    example = "folder_target: {images: 'fashion[0,2,4,6]', per_class: 250}"
-    if not isinstance(folder, dict) or set(folder) != {"images", "per_class"}:
-        raise UserError(f"folder_target needs images and per_class, e.g. {example}")
-    n = folder["per_class"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise UserError(f"folder_target.per_class={n!r}: give a whole number of at least 2, e.g. {example}")
-    spec = parse_spec(str(folder["images"]))
-    if spec.dataset not in ("fashion", "digits"):
-        raise UserError(f"folder_target.images={folder['images']!r}: give fashion[...] or digits[...]")
-    return {"images": str(spec), "per_class": n}
-
-
-def _check_built(source: Any) -> None:
-    forms = (
-        "{imagenet: {image_size: 64}} or "
-        "{shuffled_labels: {arch: lenet, images: fashion, examples: 2000, seed: 0}}"
-    )
-    if not isinstance(source, dict) or len(source) != 1 or next(iter(source)) not in BUILT_SOURCES:
-        raise UserError(f"sources: {source!r} is neither a candidate string nor one of {forms}")
-    kind, options = next(iter(source.items()))
-    if not isinstance(options, dict):
-        raise UserError(f"sources: {kind} needs its options, e.g. {forms}")
-    if kind == "imagenet":
-        size = options.get("image_size")
-        if set(options) != {"image_size"} or isinstance(size, bool) or not isinstance(size, int):
-            raise UserError(f"sources: imagenet takes image_size (pixels), e.g. {forms}")
-        if not 16 <= size <= 1024:
-            raise UserError(f"sources: imagenet image_size={size}: give 16 to 1024 pixels, e.g. 64")
-        return
-    if set(options) != set(_SHUFFLED_FIELDS) or not all(
-        isinstance(options[k], t) and not isinstance(options[k], bool) for k, t in _SHUFFLED_FIELDS.items()
-    ):
-        raise UserError(f"sources: shuffled_labels needs arch, images, examples and seed, e.g. {forms}")
-    if options["arch"] not in list_models():
-        raise UserError(f"sources: shuffled_labels arch {options['arch']!r} is not one of {list_models()}")
-    if parse_spec(options["images"]).dataset not in ("fashion", "digits") or options["examples"] < 10:
-        raise UserError(f"sources: shuffled_labels takes fashion or digits images, at least 10, e.g. {forms}")
-
-
-# ---- what the bench builds ---------------------------------------------------------------------------
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9=.+-]+", "_", text).strip("_.") or "x"
-
-
-def build_folder_target(images: str, per_class: int, root: Path) -> Path:
-    """``root/<name>/<class>/<i>.png``: the first ``per_class`` test images of each class of ``images``
-    (written once, into a temporary folder renamed when complete)."""
-    import torch
-    from PIL import Image
-
-    from paramtransfer.data import load_task
-
-    folder = root / f"{_safe(images)}_test_{per_class}"
-    if folder.is_dir():
-        return folder
-    task = load_task(images, seed=0)
-    x, y = task.test.raw(), task.test.y
-    tmp = root / f".{folder.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for c, name in enumerate(task.classes):
-        idx = (y == c).nonzero().flatten()[:per_class]
-        if len(idx) < per_class:
-            raise UserError(f"folder_target: class {name!r} of {images} has only {len(idx)} test images")
-        cdir = tmp / f"{c:02d}_{_safe(name)}"
-        cdir.mkdir(parents=True)
-        for i in idx.tolist():
-            img = x[i]
-            if img.dtype.is_floating_point:  # digits: [0, 1] floats
-                img = (img * 255).round()
-            Image.fromarray(img.squeeze(0).to(torch.uint8).numpy()).save(cdir / f"{i}.png")
-    tmp.rename(folder)
-    return folder
-
-
-def build_shuffled_npz(images: str, examples: int, seed: int, root: Path) -> Path:
-    """About ``examples`` training images of ``images`` (as many of each class) with their labels permuted
-    at random (``seed``)."""
-    import numpy as np
-    import torch
-
-    from paramtransfer.data import load_task
-
-    path = root / f"shuffled_{_safe(images)}_{examples}_seed{seed}.npz"
-    if path.is_file():
-        return path
-    k = load_task(images, seed=seed).num_classes  # the same number of images of each class
-    task = load_task(images, shots=max(2, examples // k), seed=seed)
-    x = task.train.raw()
-    if x.dtype.is_floating_point:
-        x = (x * 255).round().to(torch.uint8)
-    gen = torch.Generator().manual_seed(seed)
-    y = task.train.y[torch.randperm(len(task.train.y), generator=gen)]
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{path.stem}.tmp.npz"
-    np.savez(tmp, x=x.numpy(), y=y.numpy())
-    tmp.rename(path)
-    return path
-
-
-def build_imagenet_copy(image_size: int, root: Path) -> Path:
-    """EfficientNet-Lite0's ImageNet weights saved with an ``image_size`` x ``image_size`` input."""
-    from paramtransfer.experiments.pretrain import resolve_source
-    from paramtransfer.models.store import META, WEIGHTS, save_model
-
-    folder = root / f"imagenet_{image_size}px"
-    if (folder / WEIGHTS).is_file() and (folder / META).is_file():
-        return folder
-    net = resolve_source("imagenet", None)
-    assert net is not None
-    net.in_shape = (int(net.in_shape[0]), image_size, image_size)
-    info = dict(getattr(net, "source_info", None) or {})
-    keep = {k: info[k] for k in ("source", "classes", "settings") if k in info}
-    keep["settings"] = {**keep.get("settings", {}), "image_size": image_size}
-    save_model(net, folder, keep)
-    return folder
 
 
 def prepare(setting: AutoBenchSetting, out: Path) -> tuple[AutoConfig, dict[str, str], str]:
