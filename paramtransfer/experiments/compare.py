@@ -55,7 +55,7 @@ DEMO_METHODS = "scratch,linear_probe,finetune,finetune[freeze=all],l2sp"
 def imagenet_demo_config() -> CompareConfig:
     """The demo's second, short table: the ImageNet source (EfficientNet-Lite0) -> Fashion-MNIST, all 10
     classes, 10 shots per class, 64 px; scratch, linear probe and fine-tuning, one seed, two learning
-    rates (about 2-3 minutes on 2 CPU cores; ``benchmarks/imagenet`` has the full, 3-seed version)."""
+    rates (about 2-3 minutes on 2 CPU cores; ``benchmarks/imagenet`` has the full, 5-seed version)."""
     return CompareConfig(
         arch="efficientnet_lite0",
         source="imagenet",
