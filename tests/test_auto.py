@@ -65,6 +65,17 @@ def _decisions(report: dict) -> dict:
     return {k: report[k] for k in ("ranking", "race", "decision")} | {"compute": compute}
 
 
+def _to_6_digits(value):
+    """``value`` with every float rounded to 6 significant digits (nested dicts and lists)."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _to_6_digits(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_6_digits(v) for v in value]
+    return value
+
+
 def test_the_plan_and_its_compute_by_hand(first) -> None:
     out, report = first
     # grid: 3 sources x 2 methods x 2 lrs x 1 seed x 6 epochs = 72 configuration-epochs; budget 0.4 -> 28;
@@ -234,14 +245,21 @@ def test_ranking_ties_and_agreement_with_an_oracle() -> None:
 @pytest.mark.slow
 def test_ray_makes_the_same_decisions_as_the_local_executor(saved, tmp_path) -> None:
     pytest.importorskip("ray")
-    torch.set_num_threads(1)  # Ray runs each task with one thread (num_cpus=1)
+    # Ray runs each task with one thread (num_cpus=1); the ranking runs in this process in both cases, so
+    # this process uses one thread too: float reductions then add up in the same order everywhere
+    torch.set_num_threads(1)
     try:
         local = auto(_config(saved), tmp_path / "local", progress=False)
+        ray = make_executor("ray", num_cpus=2)
+        try:
+            on_ray = auto(_config(saved), tmp_path / "ray", progress=False, executor=ray)
+        finally:
+            ray.shutdown()
     finally:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    ray = make_executor("ray", num_cpus=2)
-    try:
-        on_ray = auto(_config(saved), tmp_path / "ray", progress=False, executor=ray)
-    finally:
-        ray.shutdown()
-    assert _decisions(on_ray) == _decisions(local)
+    # every decision (ranking, survivors, winner, compute) is the same; a Ray worker's kernels may differ
+    # from this process's in the last bits of a loss (seen: a validation loss 2e-7 apart), hence 6 digits
+    assert _to_6_digits(_decisions(on_ray)) == _to_6_digits(_decisions(local))
+    assert on_ray["race"]["winner"] == local["race"]["winner"]
+    survivors = [[r["survivors"] for r in report["race"]["rungs"]] for report in (on_ray, local)]
+    assert survivors[0] == survivors[1]
