@@ -699,6 +699,13 @@ CASES: list[Case] = [
         "scores must be a list of logme, leep, nce, hscore, hscore_shrinkage, transrate",
     ),
     Case(
+        "bench-lps-variant-unknown-option",
+        lambda tmp, saved: _bench_setting(
+            tmp, "kind: lps\neval: {variants: {b3: {weights: [0, 0, 1, 0], epoch: 100}}}\n", common=""
+        ),
+        "eval variant 'b3' is",
+    ),
+    Case(
         "bench-auto-setting-no-sources",
         lambda tmp, saved: _bench_setting(tmp, "kind: auto\nsources: []\n"),
         "tiny/one: sources: give the candidate sources as a list",
@@ -742,11 +749,13 @@ CASES: list[Case] = [
 ]
 
 
-def _bench_setting(tmp: Path, extra: str) -> list[str]:
-    """``bench`` over a one-setting suite in ``tmp`` whose YAML holds ``extra``."""
+def _bench_setting(
+    tmp: Path, extra: str, common: str = "methods: [scratch]\nepochs: 1\nshots: 2\n"
+) -> list[str]:
+    """``bench`` over a one-setting suite in ``tmp`` whose YAML holds ``common`` and ``extra``."""
     suite = tmp / "suites" / "tiny"
     suite.mkdir(parents=True)
-    (suite / "one.yaml").write_text("methods: [scratch]\nepochs: 1\nshots: 2\n" + extra)
+    (suite / "one.yaml").write_text(common + extra)
     return ["bench", "tiny/one", "--suites", str(tmp / "suites"), "--out", str(tmp / "bench"), "--quiet"]
 
 

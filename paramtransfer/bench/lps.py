@@ -79,9 +79,30 @@ class EvalSettings:
     seed: int = 0
     ari_images: int = 500
     sections: list[str] = field(default_factory=lambda: list(SECTIONS))
-    # extra LPS rows with other branch weights w_l (Eq. 9), e.g. {"all branches": [1, 1, 1, 1]}: LPS alone
-    # re-evaluated on classification, retrieval and transferability
-    variants: dict[str, list[float]] = field(default_factory=dict)
+    # extra LPS rows with other branch weights w_l (Eq. 9), e.g. {"all branches": [1, 1, 1, 1]}, or with
+    # their own second-order training too, e.g. {"branch 3": {"weights": [0, 0, 1, 0], "epochs": 100}}:
+    # LPS alone re-evaluated on classification, retrieval and transferability, and a ranking score
+    variants: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, value in self.variants.items():
+            variant_settings(name, value)  # a bad variant fails when the YAML is read
+
+
+VARIANT_OPTIONS = ("epochs", "lr", "batch_size", "filters", "embed_dim")
+
+
+def variant_settings(name: str, value: Any) -> tuple[list[float], dict[str, Any]]:
+    """A variant's branch weights and the second-order settings it overrides (a plain list: weights only)."""
+    value = {"weights": value} if isinstance(value, list) else value
+    bad = not isinstance(value, dict) or set(value) - {"weights", *VARIANT_OPTIONS} or "weights" not in value
+    if bad or not isinstance(value["weights"], list):
+        raise UserError(
+            f"eval variant {name!r} is {value!r}; give its branch weights, [0, 1, 0, 0], or a mapping "
+            f"with weights and any of {', '.join(VARIANT_OPTIONS)}: {{weights: [0, 0, 1, 0], epochs: 100}}"
+        )
+    overrides = {k: v for k, v in value.items() if k != "weights"}
+    return [float(w) for w in value["weights"]], overrides
 
 
 @dataclass
@@ -178,13 +199,13 @@ def run_lps_bench(
         name: _eval(
             set_dir,
             root / "variants" / _safe(name),
-            e,
+            dataclasses.replace(e, **variant_settings(name, value)[1]),
             progress,
-            lps_weights=weights,
+            lps_weights=variant_settings(name, value)[0],
             methods=("lps",),
             sections=[s for s in VARIANT_SECTIONS if s in e.sections],
         )
-        for name, weights in e.variants.items()
+        for name, value in e.variants.items()
     }
     summary: dict[str, Any] = {
         "kind": "lps",
@@ -283,8 +304,8 @@ def _rankings(
                 )
             elif add_missing_scores(report, config):  # scores added since it was ranked: no training
                 write_rank(report, d)
-            for name, weights in variants.items():
-                _add_lps_variant(report, d, set_dir, config, name, weights)
+            for name, value in variants.items():
+                _add_lps_variant(report, d, set_dir, config, name, *variant_settings(name, value))
             per_seed.append(report)
         taus = {s: [p["weighted_tau"].get(s) for p in per_seed] for s in scores}
         accs = [[c["finetune_accuracy"] for c in p["candidates"]] for p in per_seed]
@@ -321,15 +342,23 @@ def _read_if(path: Path, ok: Any) -> dict[str, Any] | None:
 
 
 def _add_lps_variant(
-    report: dict[str, Any], d: Path, set_dir: Path, config: RankConfig, name: str, weights: list[float]
+    report: dict[str, Any],
+    d: Path,
+    set_dir: Path,
+    config: RankConfig,
+    name: str,
+    weights: list[float],
+    overrides: dict[str, Any],
 ) -> None:
-    """Add the score ``lps[name]`` (LPS with branch weights ``weights``) and its tau to a rank report."""
+    """Add the score ``lps[name]`` (LPS with branch weights ``weights`` and the second-order settings
+    ``overrides``) and its tau to a rank report."""
     from paramtransfer.data.task import load_task
     from paramtransfer.models.store import load_model
     from paramtransfer.selection.rank import Candidate, lps_scores, weighted_tau
 
     key, path = f"lps[{name}]", d / f"lps_{_safe(name)}.json"
-    cfg = dataclasses.replace(config, lps=dataclasses.replace(config.lps, lps_weights=list(weights)))
+    lps = dataclasses.replace(config.lps, lps_weights=list(weights), **overrides)
+    cfg = dataclasses.replace(config, lps=lps)
     # the whole config, second-order settings included, keys the cache (once the seed alone did)
     stored = json.loads(json.dumps(dataclasses.asdict(cfg)))
     cached = _read_if(path, lambda v: v.get("weights") == list(weights) and v.get("config") == stored)
@@ -549,6 +578,12 @@ def render_lps(summary: dict[str, Any], paper: dict[str, Any] | None, results_di
     return Section(text, sorted(results_dir.glob("*.png")), claims)
 
 
+def _variant_title(name: str, value: Any) -> str:
+    weights, overrides = variant_settings(name, value)
+    extra = "".join(f", {k.replace('_', ' ')} {v}" for k, v in overrides.items())
+    return f"LPS, {name} (w = {tuple(weights)}{extra})"
+
+
 def format_lps_bench(
     summary: dict[str, Any], paper: dict[str, Any] | None = None, *, with_claims: bool = True
 ) -> str:
@@ -577,7 +612,7 @@ def format_lps_bench(
         rows = [(_NAMES[k], m, ref.get(k, [])) for k, m in ev[section]["methods"].items()]
         rows += [
             (
-                f"LPS, {name} (w = {tuple(summary['config']['eval']['variants'][name])})",
+                _variant_title(name, summary["config"]["eval"]["variants"][name]),
                 v[section]["methods"]["lps"],
                 [],
             )

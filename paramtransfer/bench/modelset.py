@@ -327,6 +327,46 @@ class _Evaluator:
         return {"branches": [b + 1 for b in branches], "top1": top1, "chance": 1 / len(self.ms.tasks)}
 
 
+def classification_top_k(
+    ms: ModelSet,
+    cfg: EvalConfig,
+    *,
+    params: list[torch.Tensor] | None = None,
+    train_per_task: int | None = None,
+    kind: str = "lps",
+    **lps: Any,
+) -> dict[str, float]:
+    """Sec. 5.1's task classification with one second-order network, for studies of the protocol.
+
+    The split is ``cfg.seed``'s (the one :func:`evaluate_modelset` uses: 80/20 of each task's models),
+    the network ``kind`` (``lps``, ``frobenius_fc``, ``flat_fc``) with ``lps`` passed to it (e.g.
+    ``weights=[0, 1, 0, 0]``, ``alignment="channel"``).
+
+    Args:
+        params: the weights the network reads, one ``[N, g, c, kh, kw]`` tensor per layer in the set's
+            model order (default: :meth:`ModelSet.scaled`), e.g. another normalisation of them.
+        train_per_task: train on only the first ``n`` of each task's training models (the test models
+            stay the same), to measure how top-1 grows with the number of models per task.
+
+    Returns:
+        ``top1``, ``top5``, ``top10`` on the split's test models, in [0, 1].
+    """
+    params = ms.scaled() if params is None else params
+    if [p.shape for p in params] != [p.shape for p in ms.params]:
+        raise UserError("params must hold one tensor per layer of the set's shape, in the set's model order")
+    split = _splits(ms, cfg.seed)
+    train = split.cls_train
+    if train_per_task is not None:
+        if train_per_task < 1:
+            raise UserError(f"train_per_task must be at least 1 (got {train_per_task})")
+        labels = ms.labels[train]
+        train = torch.cat([train[labels == t][:train_per_task] for t in range(len(ms.tasks))])
+    net = _make_net(kind, ms, len(ms.tasks), cfg, **lps)
+    net = _train_net(net, _select(params, train), ms.labels[train], cfg, f"{kind}: classification", False)
+    test = split.cls_test
+    return _top_k(_in_chunks(lambda p: net(p).logits, _select(params, test)), ms.labels[test])
+
+
 _ARI_MEMO: dict[tuple, torch.Tensor] = {}
 
 

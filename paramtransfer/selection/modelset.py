@@ -95,6 +95,7 @@ def build_modelset(
     train_options: dict[str, Any] | None = None,
     progress: bool = True,
     executor: str | Executor | None = None,
+    only: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``models_per_task`` models on every task of ``dataset`` and index them (Sec. 5, ModelSet500).
 
@@ -121,12 +122,22 @@ def build_modelset(
         executor: ``"local"`` (default) trains in this process, one model after another; ``"ray"`` (or a
             :class:`~paramtransfer.experiments.executors.RayExecutor`) trains each model as one Ray task,
             and the index grows as they finish.
+        only: train only these tasks (e.g. ``["fashion[0,1]"]``), with the task ids and hence the seeds
+            they have in the whole set, so that a part of a set can be rebuilt with other settings (a
+            longer training, say) from the very same initialisations.
 
     Returns:
         The index entries, sorted by task and seed.
     """
     runner = make_executor(executor)
     specs = _select_tasks(dataset, tasks, max_tasks)
+    if only is not None:
+        unknown = sorted(set(only) - set(specs))
+        if unknown or not only:
+            raise UserError(
+                f"only={list(only)!r}: {', '.join(unknown) or 'no task'} is not a task of this set; "
+                f"choose among {', '.join(specs[:3])}, ... (every pair of classes, in order)"
+            )
     if not 1 <= models_per_task <= SEEDS_PER_TASK:
         raise UserError(f"models_per_task must lie in [1, {SEEDS_PER_TASK}] (got {models_per_task})")
     settings = {
@@ -141,10 +152,16 @@ def build_modelset(
         "seed": seed,
         "train_options": {"batch_size": 32, "patience": None, **(train_options or {})},
     }
+    if only is not None:  # recorded only when used, so that sets built before the option still extend
+        settings["only"] = sorted(only, key=specs.index)
     root = Path(out)
     done = {e["path"]: e for e in read_index(root, missing_ok=True) if _files_exist(root / e["path"])}
     _check_settings(root, settings, has_models=bool(done))
-    jobs = [j for j in _jobs(root, specs, models_per_task, settings) if j["path"] not in done]
+    jobs = [
+        j
+        for j in _jobs(root, specs, models_per_task, settings)
+        if j["path"] not in done and (only is None or j["task"] in only)
+    ]
     atomic_write_json(root / INDEX, _sorted(done.values()))  # drops entries whose files are gone
     bar = _bar(progress, total=len(done) + len(jobs), initial=len(done), desc="models")
     for _, entry in runner.map(train_job, jobs):
