@@ -169,7 +169,7 @@ def test_lps_bench_variants_take_weights_or_weights_and_settings() -> None:
     assert variant_settings("b2", [0, 1, 0, 0]) == ([0.0, 1.0, 0.0, 0.0], {})
     value = {"weights": [0, 0, 1, 0], "epochs": 100}
     assert variant_settings("b3", value) == ([0.0, 0.0, 1.0, 0.0], {"epochs": 100})
-    assert _variant_title("b3", value) == "LPS, b3 (w = (0.0, 0.0, 1.0, 0.0), epochs 100)"
+    assert _variant_title("b3", value) == "LPS, b3 (w = (0, 0, 1, 0), epochs 100)"
     for bad in ({"epochs": 100}, {"weights": 3}, {"weights": [1], "momentum": 0}, "branch 3"):
         with pytest.raises(UserError, match="eval variant 'x' is"):
             LPSBenchConfig.from_dict({"eval": {"variants": {"x": bad}}})

@@ -82,9 +82,10 @@ def test_tiny_lps_bench_end_to_end_and_resumed(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(lpsbench, "evaluate_modelset", refuse)
     monkeypatch.setattr(lpsbench, "rank_sources", refuse)
     monkeypatch.setattr(rank, "lps_scores", refuse)  # the LPS variants' similarities are cached too
+    monkeypatch.setattr(lpsbench, "embedding_time", refuse)  # a measurement, kept like the others
     again = run_lps_bench(TINY, tmp_path, progress=False)
     assert again["eval"]["classification"] == summary["eval"]["classification"]
-    assert again["rank"] == summary["rank"]
+    assert again["rank"] == summary["rank"] and again["timing"] == summary["timing"]
     changed = {**TINY, "rank": {**TINY["rank"], "verify_epochs": 2}}  # other settings: ranked again
     with pytest.raises(AssertionError, match="a finished stage was redone"):
         run_lps_bench(changed, tmp_path, progress=False)
@@ -133,13 +134,20 @@ def test_ranking_trains_the_second_order_network_as_the_evaluation(tmp_path: Pat
     summary = run_lps_bench(config, tmp_path, progress=False)
 
     evaluated = seen["eval"][0]  # the evaluation, then its two LPS variants
-    assert len(seen["eval"]) == 3 and evaluated["epochs"] == 30 == config["eval"]["epochs"]
-    assert len(seen["rank"]) == 6 and len(seen["variant"]) == 12  # 3 targets x 2 seeds (x 2 variants)
+    assert len(seen["eval"]) == 4 and evaluated["epochs"] == 30 == config["eval"]["epochs"]
+    assert len(seen["rank"]) == 6 and len(seen["variant"]) == 18  # 3 targets x 2 seeds (x 3 variants)
     keys = ("epochs", "lr", "batch_size", "embed_dim", "filters", "seed")
-    for cfg in seen["rank"] + seen["variant"]:
-        assert {k: getattr(cfg.lps, k) for k in keys} == {k: evaluated[k] for k in keys}
-    assert all({k: e[k] for k in keys} == {k: evaluated[k] for k in keys} for e in seen["eval"])
-    assert sorted({tuple(cfg.lps.lps_weights) for cfg in seen["variant"]}) == [(0, 1, 0, 0), (1, 1, 1, 1)]
+    expected = {k: evaluated[k] for k in keys}
+    for cfg in seen["rank"] + seen["variant"]:  # the eval's settings, but where a variant sets its own
+        own = {"epochs": 100} if cfg.lps.lps_weights == [0, 0, 1, 0] else {}
+        assert {k: getattr(cfg.lps, k) for k in keys} == {**expected, **own}
+    assert [e["epochs"] for e in seen["eval"]] == [30, 30, 30, 100]
+    assert all({k: e[k] for k in keys} == {**expected, "epochs": e["epochs"]} for e in seen["eval"])
+    assert sorted({tuple(cfg.lps.lps_weights) for cfg in seen["variant"]}) == [
+        (0, 0, 1, 0),
+        (0, 1, 0, 0),
+        (1, 1, 1, 1),
+    ]
     assert all(cfg.lps.lps_weights is None for cfg in seen["rank"])
     assert summary["rank"]["second_order"]["epochs"] == 30  # disclosed in results.json
     assert dataclasses.asdict(seen["rank"][0].lps)["momentum"] == 0.9
