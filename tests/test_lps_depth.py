@@ -142,6 +142,8 @@ def test_the_script_runs_a_row_and_reuses_it(tiny_set: Path, tmp_path: Path, cap
     assert 0 <= row["top1"]["mean"] <= 100 and len(results["drift_full_set"]) == len(
         load_modelset(tiny_set).params
     )
+    table = (tmp_path / "out" / "depth.md").read_text()
+    assert "| weights normalised per model | " in table and "Drift from the initialisation" in table
     capsys.readouterr()
     assert depth.main([*args, "--rows", "protocol"]) == 0
     assert "top-1" not in capsys.readouterr().out  # measured already: skipped

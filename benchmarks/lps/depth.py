@@ -293,12 +293,61 @@ def _main(args: argparse.Namespace) -> int:
     if args.more_models:
         _many(args, config, base, ms, results)
     save()
+    (args.out / "depth.md").write_text(format_tables(results))
+    print(format_tables(results))
     if args.record:
         dest = HERE / "results" / "depth"
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest / "results.json")
+        shutil.copyfile(args.out / "depth.md", dest / "depth.md")
         print(f"recorded {dest / 'results.json'}")
     return 0
+
+
+def _cell(r: dict[str, Any]) -> str:
+    return f"{r['top1']['mean']:.1f} ± {r['top1']['std']:.1f} | {r['top5']['mean']:.1f}"
+
+
+def format_tables(results: dict[str, Any]) -> str:
+    """The study's results as markdown tables (top-1 / top-5 %, mean ± std over the seeds)."""
+    table = rows(EvalConfig(), len(results.get("drift_full_set", [0] * 4)))
+    lines = ["| row | top-1 | top-5 |", "|---|---|---|"]
+    for name, r in results.get("rows", {}).items():
+        lines.append(f"| {table.get(name, {}).get('label', name)} | {_cell(r)} |")
+    drift = results.get("drift_full_set")
+    if drift:
+        lines += [
+            "",
+            "Drift from the initialisation, ||theta - theta_0|| / ||theta_0|| per layer: "
+            + ", ".join(f"{d:.2f}" for d in drift),
+        ]
+    long = results.get("long")
+    if long:
+        labels = [k for k in long if k != "tasks"]
+        lines += [
+            "",
+            f"Training length, {len(long['tasks'])} tasks (chance {100 / len(long['tasks']):.0f} %):",
+            "",
+            "| row | " + " | ".join(f"{k}: top-1 | top-5" for k in labels) + " |",
+            "|---" * (1 + 2 * len(labels)) + "|",
+        ]
+        for name in long[labels[0]]["rows"]:
+            cells = [_cell(long[k]["rows"][name]) for k in labels if name in long[k]["rows"]]
+            lines.append(f"| {table[name]['label']} | " + " | ".join(cells) + " |")
+        for k in labels:
+            drift = ", ".join(f"{d:.2f}" for d in long[k]["drift"])
+            lines.append(f"\n{k}: mean test accuracy {100 * long[k]['test_accuracy']:.2f} %, drift {drift}")
+    many = results.get("many")
+    if many:
+        lines += [
+            "",
+            f"Models per task, {len(many['tasks'])} tasks x {many['models_per_task']} models:",
+            "",
+            "| row | top-1 | top-5 |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {k} | {_cell(v)} |" for k, v in many.items() if isinstance(v, dict)]
+    return "\n".join(lines) + "\n"
 
 
 LONG_ROWS = ("protocol", "branch2", "branch3", "displacement", "branch3_displacement")
