@@ -363,20 +363,8 @@ def _build_part(
 ) -> ModelSet:
     b = config.build
     print(f"model set {root}: {len(tasks)} tasks x {models_per_task} models, {epochs} epochs", flush=True)
-    build_modelset(
-        b.dataset,
-        root,
-        models_per_task=models_per_task,
-        arch=b.arch,
-        epochs=epochs,
-        limit=b.limit,
-        lr=b.lr,
-        seed=b.seed,
-        arch_kwargs=b.arch_kwargs,
-        train_options=b.train_options,
-        only=tasks,
-        progress=False,
-    )
+    settings = {**dataclasses.asdict(b), "epochs": epochs, "models_per_task": models_per_task}
+    build_modelset(out=root, only=tasks, progress=False, **settings)  # the bench's build, these tasks only
     return load_modelset(root)
 
 
