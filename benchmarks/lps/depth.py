@@ -19,12 +19,15 @@ split and the network's initialisation), and reports top-1 / top-5 as mean ± st
   the same seeds (hence the same initialisations) and ``--long-epochs`` epochs, and compared with the
   same tasks' 8-epoch models, on the same rows.
 
-Run (about 40 min on 2 cores with ``--long``)::
+Run (about 75 min of one thread on a busy 2-core machine, see benchmarks/lps/README.md)::
 
-    python benchmarks/lps/depth.py --modelset RUNS/lps/fashion_pairs/modelset --out RUNS/lps_depth --long
+    python benchmarks/lps/depth.py --modelset RUNS/lps/fashion_pairs/modelset --out RUNS/lps_depth \\
+        --long --more-models 20 --record
 
 ``--out/results.json`` holds every seed's numbers and is reused by a re-run (rows already measured
-with the same seeds are skipped); ``--record`` copies it to ``benchmarks/lps/results/depth/``.
+with the same seeds are skipped); ``--record`` copies it and ``depth.md`` to
+``benchmarks/lps/depth_study/`` (not under ``results/``, where ``paramtransfer report`` looks for bench
+settings).
 """
 
 from __future__ import annotations
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "--more-models", type=int, default=0, help="grow --tasks tasks to this many models each (e.g. 20)"
     )
     parser.add_argument(
-        "--record", action="store_true", help="copy results.json to benchmarks/lps/results/depth/"
+        "--record", action="store_true", help="copy results.json and depth.md to benchmarks/lps/depth_study/"
     )
     args = parser.parse_args(argv)
     try:
@@ -291,7 +294,7 @@ def _main(args: argparse.Namespace) -> int:
     (args.out / "depth.md").write_text(format_tables(results))
     print(format_tables(results))
     if args.record:
-        dest = HERE / "results" / "depth"
+        dest = HERE / "depth_study"
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest / "results.json")
         shutil.copyfile(args.out / "depth.md", dest / "depth.md")
