@@ -163,6 +163,9 @@ def test_the_script_ends_bad_input_with_one_line(tiny_set: Path, tmp_path: Path,
         == 2
     )
     assert "no.yaml" in capsys.readouterr().err
+    for flags, needle in ((["--tasks", "1"], "--tasks must lie in"), (["--more-models", "2"], "must exceed")):
+        assert depth.main(["--modelset", str(tiny_set), "--out", str(tmp_path), *flags]) == 2
+        assert needle in capsys.readouterr().err
 
 
 def test_lps_bench_variants_take_weights_or_weights_and_settings() -> None:
@@ -172,6 +175,8 @@ def test_lps_bench_variants_take_weights_or_weights_and_settings() -> None:
     value = {"weights": [0, 0, 1, 0], "epochs": 100}
     assert variant_settings("b3", value) == ([0.0, 0.0, 1.0, 0.0], {"epochs": 100})
     assert _variant_title("b3", value) == "LPS, b3 (w = (0, 0, 1, 0), epochs 100)"
-    for bad in ({"epochs": 100}, {"weights": 3}, {"weights": [1], "momentum": 0}, "branch 3"):
-        with pytest.raises(UserError, match="eval variant 'x' is"):
+    bad_values = ({"epochs": 100}, {"weights": 3}, {"weights": [1], "momentum": 0}, "branch 3")
+    bad_values += ({"weights": [1], "epochs": "many"}, {"weights": [1], "epochs": 0}, {"weights": ["a"]})
+    for bad in bad_values:
+        with pytest.raises(UserError, match="eval variant 'x'"):
             LPSBenchConfig.from_dict({"eval": {"variants": {"x": bad}}})

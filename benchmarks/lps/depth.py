@@ -276,6 +276,17 @@ def _main(args: argparse.Namespace) -> int:
     config = LPSBenchConfig.from_dict(yaml.safe_load(args.config.read_text()) or {})
     base = second_order_config(config.eval)
     ms = load_modelset(args.modelset)
+    per_task = config.build.models_per_task
+    if not 3 <= args.tasks <= len(task_pairs(config.build.dataset)) or args.long_epochs < 1:
+        raise UserError(
+            f"--tasks must lie in [3, 45] and --long-epochs be at least 1 "
+            f"(got {args.tasks}, {args.long_epochs})"
+        )
+    if args.more_models and args.more_models <= per_task:
+        raise UserError(
+            f"--more-models must exceed the set's {per_task} models per task "
+            f"(got {args.more_models}); 0 skips it"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}

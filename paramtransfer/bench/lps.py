@@ -102,6 +102,13 @@ def variant_settings(name: str, value: Any) -> tuple[list[float], dict[str, Any]
             f"with weights and any of {', '.join(VARIANT_OPTIONS)}: {{weights: [0, 0, 1, 0], epochs: 100}}"
         )
     overrides = {k: v for k, v in value.items() if k != "weights"}
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in overrides.values())
+    if not numbers or not all(isinstance(w, (int, float)) for w in value["weights"]):
+        raise UserError(f"eval variant {name!r}: its weights and settings must be numbers, got {value!r}")
+    try:
+        EvalConfig(**overrides)  # the ranges (epochs >= 1, lr > 0, ...) are EvalConfig's
+    except UserError as err:
+        raise UserError(f"eval variant {name!r}: {err}") from None
     return [float(w) for w in value["weights"]], overrides
 
 
@@ -195,18 +202,18 @@ def run_lps_bench(
     entries = read_index(set_dir)
     e = cfg.eval
     report = _eval(set_dir, root, e, progress)
-    variants = {
-        name: _eval(
+    variants = {}
+    for name, value in e.variants.items():
+        weights, overrides = variant_settings(name, value)
+        variants[name] = _eval(
             set_dir,
             root / "variants" / _safe(name),
-            dataclasses.replace(e, **variant_settings(name, value)[1]),
+            dataclasses.replace(e, **overrides),
             progress,
-            lps_weights=variant_settings(name, value)[0],
+            lps_weights=weights,
             methods=("lps",),
             sections=[s for s in VARIANT_SECTIONS if s in e.sections],
         )
-        for name, value in e.variants.items()
-    }
     summary: dict[str, Any] = {
         "kind": "lps",
         "config": dataclasses.asdict(cfg),
