@@ -78,20 +78,23 @@ def _to_6_digits(value):
 
 def test_the_plan_and_its_compute_by_hand(first) -> None:
     out, report = first
-    # grid: 3 sources x 2 methods x 2 lrs x 1 seed x 6 epochs = 72 configuration-epochs; budget 0.4 -> 28;
-    # the winner's 6 epochs reserved -> 22 for the race of 2 kept sources x 2 x 2 = 8 configurations:
-    # rungs of 8 and 2 (eta 3), r = min(6, 22 // (2 * 8)) = 1 and min(6, 22 // (2 * 2)) = 5
+    # grid: 3 sources x 2 methods x 2 lrs x 1 seed x 6 epochs = 72 configuration-epochs; budget 0.4 -> 28.
+    # The race of 2 kept sources x 2 x 2 = 8 configurations first gets all 28: rungs of 8 and 2 (eta 3),
+    # filled from the last: r_1 = min(6, 28 // (2 * 2)) = 6, then r_0 = (28 - 2 * 6) // (1 * 8) = 2.
+    # Rung 1's runs are full (6 epochs, the only seed), so the winner's final training is its rung-1 run
+    # and costs nothing more: 8 * 2 + 2 * 6 = 28 <= 28.
     race = report["race"]
     assert race["configurations"] == 8
-    assert [(r["epochs"], len(r["configs"]), r["keep"]) for r in race["rungs"]] == [(1, 8, 2), (5, 2, 1)]
+    rungs = [(r["epochs"], r["seeds"], len(r["configs"]), r["keep"]) for r in race["rungs"]]
+    assert rungs == [(2, 1, 8, 2), (6, 1, 2, 1)]
     compute = report["compute"]
     assert report["train_examples"] == N_TRAIN
     assert compute["grid_examples"] == 72 * N_TRAIN
-    assert compute["planned_examples"] == (8 * 1 + 2 * 5 + 6) * N_TRAIN
-    assert compute["planned_ratio"] == pytest.approx(24 / 72) and compute["planned_ratio"] <= 0.4
+    assert compute["planned_examples"] == (8 * 2 + 2 * 6) * N_TRAIN
+    assert compute["planned_ratio"] == pytest.approx(28 / 72) and compute["planned_ratio"] <= 0.4
     # no run stops early within 6 epochs (patience 10), so what was used is what was planned
     assert compute["used_examples"] == compute["planned_examples"]
-    assert compute["ratio"] == pytest.approx(1 / 3)
+    assert compute["final_examples"] == 0 and compute["race_examples"] == 28 * N_TRAIN
     for rung in race["rungs"]:
         assert all(c["epochs_trained"] == rung["epochs"] == len(c["val_curve"]) for c in rung["configs"])
 
@@ -114,7 +117,8 @@ def test_the_decision_follows_the_ranking_and_the_race(first) -> None:
     assert decision["final"]["lr"] == decision["lr"] and 0 <= decision["final"]["test_mean"] <= 1
     # the race's runs are ordinary run folders, the final training a comparison `report` reads
     assert len(list((out / "race").glob("rung=0/*/runs/*/lr=*/seed=0/result.json"))) == 8
-    assert len(list((out / "race").glob("rung=1/*/runs/*/lr=*/seed=0/result.json"))) == 2
+    assert len(list((out / "full").glob("*/runs/*/lr=*/seed=0/result.json"))) == 2  # rung 1 and the final
+    assert not (out / "race" / "rung=1").exists()
     summary = load_results(out / "final")
     assert list(summary["selected"]) == [decision["variant"]]
     assert label(decision["variant"]) in comparison_table(summary)
@@ -146,7 +150,7 @@ def test_a_killed_auto_continues_where_it_stopped(first, saved, tmp_path, monkey
     kills = []
 
     def killed_in_rung_1(method, **kwargs):
-        if not kwargs.get("reuse_only"):
+        if not kwargs.get("reuse_only") and not (Path(kwargs["out"]) / "result.json").exists():
             if len(trained) == 9 and not kills:  # rung 0's 8 runs and the first of rung 1 are done
                 kills.append(kwargs["out"])
                 raise KeyboardInterrupt
@@ -159,11 +163,45 @@ def test_a_killed_auto_continues_where_it_stopped(first, saved, tmp_path, monkey
     assert not (tmp_path / "c" / "auto.json").exists()
     before = list(trained)
     resumed = auto(_config(saved), tmp_path / "c", progress=False)
-    # only the missing run of rung 1 and the final training ran: nothing finished was trained again
+    # only the missing run of rung 1 ran (the final training is a run of rung 1): nothing finished was
+    # trained again
     again = trained[len(before) :]
-    assert len(again) == 2 and not set(again) & set(before)
-    assert again[0] == kills[0] and "rung=1" in again[0] and "final" in again[1]
+    assert again == kills and "full" in again[0] and again[0] not in before
     assert _decisions(resumed) == _decisions(report)
+
+
+def test_past_the_full_epochs_the_race_adds_seeds_and_the_final_reuses_them(saved, tmp_path) -> None:
+    # 2 seeds: grid 144, budget 0.4 -> 57. Rungs of 8 and 2: r_1 = min(2 * 6, 57 // 4) = 12 (both seeds,
+    # full), r_0 = (57 - 24) // 8 = 4; then 8 * 4 + 2 * 12 = 56 and the final trains nothing more
+    report = auto(_config(saved, seeds=[0, 1]), tmp_path, progress=False)
+    rung0, rung1 = report["race"]["rungs"]
+    assert (rung0["epochs"], rung0["seeds"], rung1["epochs"], rung1["seeds"]) == (4, 1, 6, 2)
+    assert report["compute"]["used_examples"] == report["compute"]["planned_examples"] == 56 * N_TRAIN
+    assert report["compute"]["final_examples"] == 0
+    # the last rung decides on the mean over both seeds (then the lower mean loss), as the grid's choice
+    from paramtransfer.results import best_val_loss, read_result
+
+    files = list((tmp_path / "full").glob("*/runs/*/lr=*/seed=*/result.json"))
+    assert len(files) == 4
+    by_config: dict = {}
+    for f in files:  # full/<candidate folder>/runs/...
+        r = read_result(f)
+        by_config.setdefault(
+            (f.relative_to(tmp_path / "full").parts[0], r.method, r.config["lr"]), []
+        ).append(r)
+    assert all(sorted(r.seed for r in rs) == [0, 1] for rs in by_config.values())
+    mean = {
+        k: (sum(r.val_accuracy for r in rs) / 2, -sum(best_val_loss(r) for r in rs) / 2)
+        for k, rs in by_config.items()
+    }
+    d = report["decision"]
+    mine = (parse_candidate(d["source"]).folder, d["variant"], d["lr"])
+    assert mean[mine] == max(mean.values())
+    assert rung1["configs"][0]["val_accuracy"] == pytest.approx(mean[mine][0])
+    # the final comparison holds exactly those two runs
+    final = json.loads((tmp_path / "final" / "results.json").read_text())
+    chosen = sorted(by_config[mine], key=lambda r: r.seed)
+    assert [r["test_accuracy"] for r in final["runs"]] == [r.test_accuracy for r in chosen]
 
 
 def test_an_out_folder_of_another_auto_is_refused(first, saved) -> None:
@@ -183,7 +221,8 @@ def test_a_budget_too_small_for_one_source_names_the_budget_needed(saved, tmp_pa
 def test_a_small_budget_drops_the_lower_ranked_kept_source(first, saved, tmp_path) -> None:
     _, report = first
     small = auto(_config(saved, budget=0.2, epochs=6), tmp_path, progress=False)
-    # 0.2 * 72 = 14; 8 left for the race: 8 configurations need 16, 4 (one source) need 4
+    # 0.2 * 72 = 14; 8 left for the race beside a whole final: 8 configurations need 16, 4 (one source)
+    # need 4 (one rung); 14 for the race would leave no room for the final (a 3-epoch rung is not full)
     assert small["ranking"]["kept"] == report["ranking"]["kept"][:1]
     assert small["ranking"]["dropped_for_budget"] == report["ranking"]["kept"][1:]
     assert small["compute"]["planned_ratio"] <= 0.2

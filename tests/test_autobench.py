@@ -26,7 +26,7 @@ from paramtransfer.bench.autosources import (
 from paramtransfer.cli import main
 from paramtransfer.data import load_task
 from paramtransfer.errors import UserError
-from paramtransfer.results import best_val_loss, read_result
+from paramtransfer.results import RunResult, best_val_loss, read_result
 from paramtransfer.selection.rank import FAST_SCORES
 
 BAD = {"shuffled_labels": {"arch": "lenet", "images": "digits", "examples": 60, "seed": 0}}
@@ -99,20 +99,25 @@ def test_the_oracle_choice_regret_and_compute_by_hand(ran) -> None:
     ties = sorted(k for k, v in key.items() if v == best)
     assert (o["source"], o["variant"], o["lr"]) == ties[0]
     assert o["test"] == pytest.approx(mean(r.test_accuracy for r in groups[ties[0]]))
-    # auto's final training: the same two seeds at its configuration
-    final = _runs(out / "auto" / "final")
+    # auto's final training: the same two seeds at its configuration (runs of the race's last rung)
+    final = [
+        RunResult.from_dict(d)
+        for d in json.loads((out / "auto" / "final" / "results.json").read_text())["runs"]
+    ]
     a = summary["auto"]
     assert sorted(r.seed for r in final) == [0, 1]
     assert {(r.method, r.config["lr"]) for r in final} == {(a["variant"], a["lr"])}
     assert a["test"] == pytest.approx(mean(r.test_accuracy for r in final))
     assert summary["regret"] == pytest.approx(100 * (o["test"] - a["test"]))
-    # compute: epochs trained x training examples, auto's race and final runs over every oracle run
-    auto_epochs = sum(len(r.history) for r in _runs(out / "auto" / "race") + final)
+    # compute: epochs trained x training examples, every run auto trained (each once) over every oracle run
+    auto_epochs = sum(len(r.history) for r in _runs(out / "auto" / "race") + _runs(out / "auto" / "full"))
     oracle_epochs = sum(len(r.history) for r in oracle_runs)
     assert o["examples"] == oracle_epochs * N_TRAIN and a["examples"] == auto_epochs * N_TRAIN
     assert summary["compute_ratio"] == pytest.approx(auto_epochs / oracle_epochs)
-    # the plan: grid 48 configuration-epochs, budget 24, final 4; race 8 x 1 + 2 x 2 epochs
-    assert a["rungs"] == [[8, 1], [2, 2]] and auto_epochs == 8 + 4 + 4 and oracle_epochs == 48
+    # the plan: grid 48 configuration-epochs, budget 24; rungs of 8 and 2 filled from the last:
+    # r_1 = min(2 x 2, 24 // 4) = 4 (both seeds, full), r_0 = (24 - 8) // 8 = 2 (full, first seed); rung 1
+    # trains only the second seeds and the final nothing: 8 x 2 + 2 x 2 = 20
+    assert a["rungs"] == [[8, 2, 1], [2, 2, 2]] and auto_epochs == 16 + 4 and oracle_epochs == 48
     wall = sum(r.wall_time_s for r in oracle_runs)
     assert o["wall_time_s"] == pytest.approx(wall) and summary["wall_time_ratio"] > 0
     same = (a["source"], a["variant"], a["lr"]) == (o["source"], o["variant"], o["lr"])

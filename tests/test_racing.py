@@ -31,10 +31,30 @@ def test_rung_sizes_and_epochs_by_hand() -> None:
     assert plan_rungs(18, 3, 30, 132) == [Rung(0, 18, 2, 6), Rung(1, 6, 7, 2), Rung(2, 2, 22, 1)]
     # eta 2 halves: 8 -> 4 -> 2 -> 1
     assert rung_sizes(8, 2) == [8, 4, 2]
-    # a rung never trains longer than the full run
-    assert plan_rungs(4, 2, 5, 1000) == [Rung(0, 4, 5, 2), Rung(1, 2, 5, 1)]
+    # a rung never trains longer than the full run, and one that would only repeat the next rung's runs
+    # (both at 5 epochs) keeps the winner directly
+    assert plan_rungs(4, 2, 5, 1000) == [Rung(0, 4, 5, 1)]
     # floor division leaves at least one survivor: 5 // 3 = 1, so one rung of 5
     assert plan_rungs(5, 3, 30, 10) == [Rung(0, 5, 2, 1)]
+
+
+def test_past_the_full_epochs_the_resource_is_seeds_by_hand() -> None:
+    # 60 configurations, eta 3, E = 10, S = 3, B = 762: sizes 60, 20, 6, 2. Filled from the last rung:
+    # r_3 = min(30, 762 // (4 * 2)) = 30 (3 seeds), left 702; r_2 = min(30, 702 // (3 * 6)) = 30, the same
+    # resource as rung 3, so rung 2 keeps the winner directly and the plan is shared again over 3 rungs:
+    # r_2 = min(30, 762 // (3 * 6)) = 30, left 582; r_1 = 582 // (2 * 20) = 14 -> 10 (whole seeds past E),
+    # left 382; r_0 = 382 // 60 = 6
+    rungs = plan_rungs(60, 3, 10, 762, seeds=3)
+    assert rungs == [Rung(0, 60, 6, 20), Rung(1, 20, 10, 6), Rung(2, 6, 10, 1, seeds=3)]
+    assert plan_cost(rungs) == 360 + 200 + 180 == 740 and rungs[-1].resource == 30
+    # one seed: the cap is E, and the budget the capped rung cannot use goes to the first rung
+    assert plan_rungs(60, 3, 10, 762) == [Rung(0, 60, 9, 20), Rung(1, 20, 10, 1)]
+    # the whole grid's budget (12 x 3 x 15 = 540): 2 seeds for all, the third for the best 4; a budget that
+    # gives every rung the whole grid trains every configuration fully on every seed, with no cut
+    assert plan_rungs(12, 3, 15, 540, seeds=3) == [Rung(0, 12, 15, 4, seeds=2), Rung(1, 4, 15, 1, seeds=3)]
+    assert plan_rungs(12, 3, 15, 1000, seeds=3) == [Rung(0, 12, 15, 1, seeds=3)]
+    with pytest.raises(ValueError, match="seeds"):
+        plan_rungs(12, 3, 15, 540, seeds=0)
 
 
 def test_one_configuration_has_nothing_to_race() -> None:
@@ -56,13 +76,17 @@ def test_bad_plans_are_refused() -> None:
 
 @pytest.mark.parametrize("n,eta", list(itertools.product([2, 3, 5, 9, 12, 27, 40], [2, 3, 4])))
 def test_the_budget_is_never_exceeded(n: int, eta: int) -> None:
-    for max_epochs in (1, 3, 30):
-        for budget in range(min_budget(n, eta), 4 * n * max_epochs + 7, max(1, n // 3)):
-            rungs = plan_rungs(n, eta, max_epochs, budget)
-            assert plan_cost(rungs) <= budget
-            assert all(1 <= r.epochs <= max_epochs for r in rungs)
-            assert [r.epochs for r in rungs] == sorted(r.epochs for r in rungs)  # longer as the field shrinks
+    for max_epochs, seeds in itertools.product((1, 3, 30), (1, 3)):
+        for budget in range(min_budget(n, eta), 4 * n * max_epochs * seeds + 7, max(1, n // 3)):
+            rungs = plan_rungs(n, eta, max_epochs, budget, seeds=seeds)
+            assert plan_cost(rungs) <= budget and rungs[0].configs == n
+            assert all(1 <= r.epochs <= max_epochs and 1 <= r.seeds <= seeds for r in rungs)
+            assert all(r.seeds == 1 or r.epochs == max_epochs for r in rungs)  # seeds only past E
+            res = [r.resource for r in rungs]
+            assert res == sorted(set(res))  # more as the field shrinks, never a repeat of the last rung
             assert [r.keep for r in rungs[:-1]] == [r.configs for r in rungs[1:]] and rungs[-1].keep == 1
+            assert [r.configs for r in rungs] == sorted({r.configs for r in rungs}, reverse=True)
+            assert set(r.configs for r in rungs) <= set(rung_sizes(n, eta))
 
 
 def _curves(n: int, seed: int) -> dict[str, tuple[float, float]]:

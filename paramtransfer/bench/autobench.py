@@ -310,7 +310,7 @@ def run_auto_bench(config: dict[str, Any], out: Path, executor: Any, progress: b
             "score_rank": decision["score_rank"],
             "kept": [name(k) for k in report["ranking"]["kept"]],
             "race_configurations": report["race"]["configurations"],
-            "rungs": [[len(r["configs"]), r["epochs"]] for r in report["race"]["rungs"]],
+            "rungs": [[len(r["configs"]), r["epochs"], r["seeds"]] for r in report["race"]["rungs"]],
             "oracle_val_rank": mine,  # place of auto's configuration in the oracle's validation order
             "examples": compute["used_examples"],
             "planned_ratio": compute["planned_ratio"],
@@ -335,6 +335,10 @@ def run_auto_bench(config: dict[str, Any], out: Path, executor: Any, progress: b
 
 
 # ---- report ------------------------------------------------------------------------------------------
+
+
+def _rung_text(configs: int, epochs: int, seeds: int = 1) -> str:
+    return f"{configs}x{epochs} epochs" + (f" x {seeds} seeds" if seeds > 1 else "")
 
 
 def _pct(v: float | None) -> str:
@@ -379,7 +383,7 @@ def format_auto_bench(summary: dict[str, Any]) -> str:
         f"'s choice; its configuration is place {a['oracle_val_rank'] or '—'} of {o['configurations']} "
         f"in the oracle's validation order. auto kept {', '.join(a['kept'])} (its source was place "
         f"{a['score_rank']} by {a['score']}) and raced {a['race_configurations']} configurations in rungs "
-        + (", ".join(f"{n}x{e} epochs" for n, e in a["rungs"]) or "— (one configuration)")
+        + (", ".join(_rung_text(*r) for r in a["rungs"]) or "— (one configuration)")
         + ".",
         "",
         "Ranking step alone: weighted Kendall τ of each score's order of the sources against the oracle's "

@@ -5,19 +5,29 @@ Pure Python (no torch): the race is a function of the scores it is given, so it 
 learning curves, and the same scores give the same decisions whichever executor produced them and in
 whatever order they finished.
 
-The plan, from ``n`` configurations, a reduction factor ``eta`` >= 2, the full number of epochs ``E`` and a
-budget ``B`` in *configuration-epochs* (one configuration trained for one epoch):
+The plan, from ``n`` configurations, a reduction factor ``eta`` >= 2, the full number of epochs ``E``, the
+number of seeds ``S`` the winner is finally trained on and a budget ``B`` in *configuration-epochs* (one
+configuration trained for one epoch on one seed):
 
 * rung sizes: ``n_0 = n``, ``n_{k+1} = max(1, floor(n_k / eta))``; the rungs are those with ``n_k >= 2``
   (a rung of one configuration has nothing to race: it is the winner), so there are
   ``K = len(rungs)`` of them (``n = 12, eta = 3``: rungs of 12 and 4, the winner is the best of the 4);
-* epochs: each rung gets an equal share ``B / K`` of the budget, split equally among its configurations
-  (Jamieson & Talwalkar's allocation): ``r_k = min(E, floor(B / (K * n_k)))``. So ``sum_k n_k * r_k <= B``
-  always, ``r_k`` grows as the field shrinks, and the race is possible only when ``r_0 >= 1``, i.e.
-  ``B >= K * n`` (:func:`min_budget`);
-* each rung trains its configurations *from scratch* for ``r_k`` epochs (the caller's choice, see
-  :mod:`paramtransfer.selection.auto`), ranks them by score (higher is better; ties go to the name that
-  sorts first; a missing score, e.g. a diverged run, ranks last) and keeps the first ``n_{k+1}``.
+* the resource of a configuration in rung ``k`` is ``r_k`` configuration-epochs: ``r_k <= E`` epochs on
+  the first seed, or, past ``E``, ``r_k = m E``: the full ``E`` epochs on the first ``m <= S`` seeds
+  (Hyperband's maximum resource ``R`` is ``S E``: once a run is as long as it gets, more of it is more seeds,
+  which is what the final decision averages over);
+* each rung gets an equal share ``B / K`` of the budget split equally among its configurations
+  (Jamieson & Talwalkar's allocation), capped at ``R``, and what a capped rung cannot use goes to the rungs
+  before it (filled from the last rung back: ``r_k = level(floor(B_k / ((k + 1) n_k)))`` with ``B_k`` what
+  the later rungs left, ``level`` capping at ``R`` and rounding a value past ``E`` down to whole seeds,
+  and never more than ``r_{k+1}``). So ``sum_k n_k r_k <= B`` always, ``r_k`` grows as the field shrinks,
+  and the race is possible only when ``r_0 >= 1``, i.e. ``B >= K n`` (:func:`min_budget`);
+* a rung whose resource equals the next rung's would only repeat its runs: it keeps the next rung's
+  survivors directly (a larger cut) and the budget is shared again among the remaining rungs;
+* each rung trains its configurations with ``r_k`` (the caller's choice how, see
+  :mod:`paramtransfer.selection.auto`: a short run from scratch, full runs reused), ranks them by score
+  (higher is better; ties go to the name that sorts first; a missing score, e.g. a diverged run, ranks
+  last) and keeps the first ``n_{k+1}``.
 
 Why not Ray Tune or Optuna: Optuna is not installed here, Ray Tune would need ``ray[tune]`` beyond the
 ``ray`` the executor uses, and neither gives what the project needs from the race: runs that live in
@@ -37,12 +47,19 @@ Score = float | tuple[float, ...]
 
 @dataclass(frozen=True)
 class Rung:
-    """``configs`` configurations train ``epochs`` epochs each; the best ``keep`` go on (1: the winner)."""
+    """``configs`` configurations train ``epochs`` epochs each on the first ``seeds`` seeds (``seeds`` > 1
+    only at the full number of epochs); the best ``keep`` go on (1: the winner)."""
 
     index: int
     configs: int
     epochs: int
     keep: int
+    seeds: int = 1
+
+    @property
+    def resource(self) -> int:
+        """Configuration-epochs per configuration: ``epochs x seeds``."""
+        return self.epochs * self.seeds
 
 
 def rung_sizes(n: int, eta: int) -> list[int]:
@@ -62,30 +79,51 @@ def min_budget(n: int, eta: int) -> int:
     return len(sizes) * sizes[0] if sizes else 0
 
 
-def plan_rungs(n: int, eta: int, max_epochs: int, budget: int) -> list[Rung]:
-    """The rungs of a race of ``n`` configurations within ``budget`` configuration-epochs (module doc).
+def plan_rungs(n: int, eta: int, max_epochs: int, budget: int, seeds: int = 1) -> list[Rung]:
+    """The rungs of a race of ``n`` configurations within ``budget`` configuration-epochs (module doc);
+    past ``max_epochs`` a configuration's resource is more of the first ``seeds`` seeds.
 
     Raises:
         ValueError: the budget is below :func:`min_budget` (callers turn it into a user's error).
     """
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be at least 1 (got {max_epochs})")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a whole number of at least 1 (got {seeds})")
     sizes = rung_sizes(n, eta)
     if budget < min_budget(n, eta):
         raise ValueError(
             f"a race of {n} configurations needs at least {min_budget(n, eta)} configuration-epochs"
         )
-    k = len(sizes)
-    keeps = [*sizes[1:], 1][:k]
-    return [
-        Rung(i, size, min(max_epochs, budget // (k * size)), keep)
-        for i, (size, keep) in enumerate(zip(sizes, keeps, strict=True))
-    ]
+    cap = seeds * max_epochs
+
+    def level(share: int) -> int:
+        r = min(cap, share)
+        return r if r <= max_epochs else r - r % max_epochs
+
+    while True:
+        k, left, res = len(sizes), budget, [0] * len(sizes)
+        for i in reversed(range(k)):
+            res[i] = level(left // ((i + 1) * sizes[i]))
+            if i + 1 < k:
+                res[i] = min(res[i], res[i + 1])
+            left -= sizes[i] * res[i]
+        repeat = next((i for i in range(k - 1) if res[i] == res[i + 1]), None)
+        if repeat is None:
+            break
+        del sizes[repeat + 1]  # rung `repeat` keeps the survivors of the rung it would only repeat
+    keeps = [*sizes[1:], 1][: len(sizes)]
+    rungs = []
+    for i, (size, keep, r) in enumerate(zip(sizes, keeps, res, strict=True)):
+        epochs, m = (r, 1) if r <= max_epochs else (max_epochs, r // max_epochs)
+        rungs.append(Rung(i, size, epochs, keep, m))
+    return rungs
 
 
 def plan_cost(rungs: Sequence[Rung]) -> int:
-    """Configuration-epochs the rungs train (at most the budget they were planned with)."""
-    return sum(r.configs * r.epochs for r in rungs)
+    """Configuration-epochs the rungs ask for (at most the budget they were planned with; a caller that
+    reuses a full run in a later rung trains less)."""
+    return sum(r.configs * r.resource for r in rungs)
 
 
 def _key(score: Score | None) -> tuple[float, ...]:

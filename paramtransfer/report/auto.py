@@ -43,15 +43,16 @@ def format_auto(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"## 2. Race: {race['configurations']} configurations, successive halving (eta = {race['eta']}, "
-        f"seed {race['seed']}), validation accuracy in %",
+        f"short runs on seed {race['seed']}), validation accuracy in %",
         "",
     ]
     if not race["rungs"]:
         lines.append("One configuration: nothing to race.")
     for rung in race["rungs"]:
         lines += [
-            f"### Rung {rung['rung']}: {len(rung['configs'])} configurations x {rung['epochs']} epochs, "
-            f"{rung['keep']} go on",
+            f"### Rung {rung['rung']}: {len(rung['configs'])} configurations x {rung['epochs']} epochs"
+            + (f" x {rung['seeds']} seeds (mean over the seeds)" if rung.get("seeds", 1) > 1 else "")
+            + f", {rung['keep']} go on",
             "",
             "| place | configuration | val accuracy | val accuracy per epoch | |",
             "|---|---|---|---|---|",
@@ -112,6 +113,8 @@ def _last_rung_text(race: dict[str, Any]) -> str:
     best = rung["configs"][0]
     others = [c for c in rung["configs"][1:]]
     tail = ", ".join(f"{c['name']} {_pct(c['val_accuracy'])}" for c in others[:3])
-    return f"{_pct(best['val_accuracy'])}% after {rung['epochs']} epochs" + (
+    seeds = rung.get("seeds", 1)
+    per = f" x {seeds} seeds, the mean" if seeds > 1 else ""
+    return f"{_pct(best['val_accuracy'])}% after {rung['epochs']} epochs{per}" + (
         f"; next: {tail}" if tail else ""
     )

@@ -4,29 +4,35 @@
    (:data:`DEFAULT_SCORE` unless ``score``) on the target's training split, converted to that source's
    input: one forward pass, nothing trained on the target. Keep the best ``keep``.
 2. **Race** the kept sources x method variants (``finetune[freeze=all]`` expanded as in compare) x learning
-   rates, one seed (the first of ``seeds``), by successive halving with factor ``eta``
-   (:mod:`paramtransfer.experiments.racing`) on the validation split. Each rung trains its configurations
+   rates by successive halving with factor ``eta`` (:mod:`paramtransfer.experiments.racing`) on the
+   validation split. A rung shorter than ``epochs`` trains its configurations on the first of ``seeds``
    *from scratch* with the full recipe (the same schedule, over the rung's epochs): the trainer deletes a
-   finished run's checkpoint and its run identity includes the epochs, so continuing a survivor would
-   need a schedule that ignores the total (``constant``) and a second kind of run; retraining keeps every
-   rung an ordinary, reusable run and its cost is counted in full.
-3. **Train the winner** fully: ``epochs`` epochs, every seed of ``seeds``, under ``OUT/final`` as a
-   comparison of one variant (``results.json``, ``table.md``: ``paramtransfer report OUT/final`` reads it).
-   Test accuracy is reported here and never used for a decision.
+   finished run's checkpoint and its run identity includes the epochs, so continuing a survivor would need
+   a schedule that ignores the total (``constant``) and a second kind of run; retraining keeps every rung an
+   ordinary, reusable run and its cost is counted in full. Past ``epochs`` a rung's resource is more seeds:
+   full runs on the first ``m`` of ``seeds``, scored by their mean validation accuracy (then the lower mean
+   validation loss) as the exhaustive grid's choice is; full runs live in ``OUT/full`` and are never
+   trained twice (a later rung and the final training reuse them).
+3. **Train the winner** fully: ``epochs`` epochs, every seed of ``seeds`` (those the race already trained
+   fully are reused), a comparison of one variant under ``OUT/final`` (``results.json``, ``table.md``:
+   ``paramtransfer report OUT/final`` reads it). Test accuracy is reported here and never used for a
+   decision.
 
 **Budget.** Compute is counted in training examples (epochs x the target's training-set size; the
-ranking's forward passes are not training, their time is reported). The exhaustive grid is every candidate
-source x variant x learning rate x seed, ``epochs`` each. ``budget`` is the fraction of it that auto may
-spend: the winner's final training (``len(seeds) x epochs``) is reserved first, the race gets the rest
-(rung epochs from :func:`~paramtransfer.experiments.racing.plan_rungs`). When the race of the ``keep`` best
-sources does not fit, the lowest-ranked kept source is dropped until it does; when not even one source's
-race fits, it is a UserError naming the budget needed. The planned total never exceeds the budget (an
-early-stopped run uses less; both are reported).
+ranking's forward passes are not training, their time is reported; a reused run counts once). The
+exhaustive grid is every candidate source x variant x learning rate x seed, ``epochs`` each. ``budget`` is
+the fraction of it that auto may spend, the final training included: the race gets as much of it as leaves
+room for what the final training still needs after the race (the race's rungs from
+:func:`~paramtransfer.experiments.racing.plan_rungs`). When the race of the ``keep`` best sources does not
+fit beside a whole final training, the lowest-ranked kept source is dropped until it does; when not even
+one source's race fits, it is a UserError naming the budget needed. The planned total never exceeds the
+budget (an early-stopped run uses less; both are reported).
 
-**Resume and determinism.** Every run lives in its own folder (``OUT/race/rung=K/SOURCE/runs/...``,
-``OUT/final/runs/...``) and :func:`~paramtransfer.experiments.run.train_model` reuses finished runs and
-resumes a killed one from its checkpoint, so a killed auto run again continues where it stopped. Decisions
-depend only on the results (validation accuracy, then the lower validation loss, then the name), never on
+**Resume and determinism.** Every run lives in its own folder (``OUT/race/rung=K/SOURCE/runs/...`` for a
+short run, ``OUT/full/SOURCE/runs/...`` for a full one) and
+:func:`~paramtransfer.experiments.run.train_model` reuses finished runs and resumes a killed one from its
+checkpoint, so a killed auto run again continues where it stopped. Decisions depend only on the results
+(mean validation accuracy, then the lower mean validation loss, then the name), never on
 the order in which an executor returns them: local and Ray give the same decisions. ``OUT/auto_config.json``
 guards the folder against another auto's settings (:mod:`paramtransfer.selection.autoconfig`).
 
@@ -45,7 +51,7 @@ from typing import Any
 from paramtransfer.errors import UserError
 from paramtransfer.experiments.compare import CompareConfig, PlannedRun, make_job, plan_runs, run_jobs
 from paramtransfer.experiments.executors import Executor, make_executor
-from paramtransfer.experiments.racing import Rung, min_budget, plan_cost, plan_rungs, successive_halving
+from paramtransfer.experiments.racing import Rung, min_budget, plan_rungs, successive_halving
 from paramtransfer.results import RunResult, best_val_loss, select
 from paramtransfer.selection.autoconfig import (  # noqa: F401  (the defaults, re-exported)
     CONFIG_FILE,
@@ -66,8 +72,23 @@ def _name(c: Candidate, p: PlannedRun) -> str:
     return f"{c.name} · {p.variant}" + (f" · lr={p.lr:g}" if p.lr is not None else "")
 
 
-def _score(r: RunResult) -> tuple[float, float] | None:
-    return (r.val_accuracy, -best_val_loss(r)) if r.status == "ok" and r.val_accuracy is not None else None
+def _score(runs: list[RunResult]) -> tuple[float, float] | None:
+    """Mean validation accuracy, then minus the mean best validation loss; None if any seed diverged."""
+    if not runs or any(r.status != "ok" or r.val_accuracy is None for r in runs):
+        return None
+    n = len(runs)
+    return (sum(r.val_accuracy for r in runs) / n, -sum(best_val_loss(r) for r in runs) / n)
+
+
+def _new_epochs(rungs: list[Rung], epochs: int, seeds: int) -> tuple[int, int]:
+    """Configuration-epochs the rungs and then the winner's final training train when full runs
+    (``epochs`` long) are reused: a rung after a full one trains only its extra seeds, the final only the
+    seeds the last rung did not train."""
+    total, before = 0, 0  # before: the full seeds each configuration of the rung already has
+    for r in rungs:
+        total += r.configs * (r.resource - before * epochs if r.epochs == epochs else r.resource)
+        before = r.seeds if r.epochs == epochs else 0
+    return total, (seeds - before) * epochs
 
 
 def auto(
@@ -136,30 +157,41 @@ def auto(
         )
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / CONFIG_FILE, dataclasses.asdict(config))
-    rungs = plan_rungs(len(arms), config.eta, config.epochs, race_budget) if len(arms) > 1 else []
-    race_runs: dict[tuple[int, str], RunResult] = {}
+    n_seeds = len(config.seeds)
+    rungs: list[Rung] = []
+    if len(arms) > 1:
+        # the largest race budget that leaves room for what the final training still needs after it
+        # (nothing when the last rung trains every seed fully); reserving a whole final always fits
+        for reserve in range(0, final_reserve + 1, config.epochs):
+            if allowed - reserve < min_budget(len(arms), config.eta):
+                continue
+            plan_ = plan_rungs(len(arms), config.eta, config.epochs, allowed - reserve, seeds=n_seeds)
+            if sum(_new_epochs(plan_, config.epochs, n_seeds)) <= allowed:
+                rungs = plan_
+                break
+    race_runs: dict[tuple[int, str], list[RunResult]] = {}
+
+    def job(c: Candidate, p: PlannedRun, epochs: int, seed: int, rung: int) -> dict[str, Any]:
+        cfg = config.compare_config(c, sources[c.name].arch, [p.spec], epochs=epochs, seeds=[seed])
+        folder = root / "full" if epochs == config.epochs else root / "race" / f"rung={rung}"
+        return make_job(cfg, dataclasses.replace(p, seed=seed), sources[c.name], folder / c.folder)
 
     def evaluate(alive: list[str], rung: Rung) -> dict[str, Any]:
-        jobs = []
-        for name in alive:
-            c, p = arms[name]
-            cfg = config.compare_config(
-                c, sources[c.name].arch, [p.spec], epochs=rung.epochs, seeds=[race_seed]
-            )
-            jobs.append(make_job(cfg, p, sources[c.name], root / "race" / f"rung={rung.index}" / c.folder))
-        results = run_jobs(jobs, runner, progress=progress, desc=f"rung {rung.index} ({rung.epochs} epochs)")
-        for name, r in zip(alive, results, strict=True):
-            race_runs[(rung.index, name)] = r
-        return {name: _score(r) for name, r in zip(alive, results, strict=True)}
+        keys = [(name, s) for name in alive for s in config.seeds[: rung.seeds]]
+        jobs = [job(*arms[name], rung.epochs, s, rung.index) for name, s in keys]
+        what = f"{rung.epochs} epochs" + (f" x {rung.seeds} seeds" if rung.seeds > 1 else "")
+        results = run_jobs(jobs, runner, progress=progress, desc=f"rung {rung.index} ({what})")
+        for (name, _), r in zip(keys, results, strict=True):
+            race_runs.setdefault((rung.index, name), []).append(r)
+        return {name: _score(race_runs[(rung.index, name)]) for name in alive}
 
     t0 = time.perf_counter()
     race = successive_halving(list(arms), rungs, evaluate)
     race_time = time.perf_counter() - t0
     wc, wp = arms[race.winner]
     final_cfg = config.compare_config(wc, sources[wc.name].arch, [wp.spec])
-    final_plan = [dataclasses.replace(wp, seed=s) for s in config.seeds]
     t0 = time.perf_counter()
-    final_jobs = [make_job(final_cfg, p, sources[wc.name], root / "final") for p in final_plan]
+    final_jobs = [job(wc, wp, config.epochs, s, -1) for s in config.seeds]
     final_runs = run_jobs(final_jobs, runner, progress=progress, desc="final")
     final_time = time.perf_counter() - t0
     summary = {
@@ -171,12 +203,18 @@ def auto(
     atomic_write_json(root / "final" / "results.json", summary)
     write_report(summary, root / "final")
 
-    def epochs_run(r: RunResult) -> int:
-        return len(r.history)
+    def identity(name: str, r: RunResult) -> tuple[str, int, int]:
+        return (name, r.seed, int(r.config["epochs"]))
 
-    race_used = sum(epochs_run(r) for r in race_runs.values())
-    final_used = sum(epochs_run(r) for r in final_runs)
-    planned = plan_cost(rungs) + (final_reserve if wp.lr is not None else 0)
+    race_trained: dict[tuple[str, int, int], RunResult] = {}  # each run once, however many rungs read it
+    for (_, name), rs in sorted(race_runs.items()):
+        for r in rs:
+            race_trained.setdefault(identity(name, r), r)
+    race_used = sum(len(r.history) for r in race_trained.values())
+    final_new = [r for r in final_runs if identity(race.winner, r) not in race_trained]
+    final_used = sum(len(r.history) for r in final_new)
+    planned_race, planned_final = _new_epochs(rungs, config.epochs, n_seeds)
+    planned = planned_race + (planned_final if wp.lr is not None else 0)
     report = {
         "config": dataclasses.asdict(config),
         "target": config.target,
@@ -216,8 +254,8 @@ def auto(
                 "ranking": ranking_time,
                 "race": race_time,
                 "final": final_time,
-                "race_runs": sum(r.wall_time_s for r in race_runs.values()),
-                "final_runs": sum(r.wall_time_s for r in final_runs),
+                "race_runs": sum(r.wall_time_s for r in race_trained.values()),
+                "final_runs": sum(r.wall_time_s for r in final_new),
                 "total": time.perf_counter() - t_start,
             },
         },
@@ -231,7 +269,9 @@ def _rung_record(rr: Any, arms: dict[str, tuple[Candidate, PlannedRun]], runs: d
     rows = []
     for position, name in enumerate(rr.order, 1):
         c, p = arms[name]
-        r: RunResult = runs[(rr.rung.index, name)]
+        rs: list[RunResult] = runs[(rr.rung.index, name)]
+        score = rr.scores[name]
+        curves = [[h.get("val_accuracy") for h in r.history] for r in rs]
         rows.append(
             {
                 "name": name,
@@ -240,17 +280,28 @@ def _rung_record(rr: Any, arms: dict[str, tuple[Candidate, PlannedRun]], runs: d
                 "lr": p.lr,
                 "place": position,
                 "survived": name in rr.survivors,
-                "status": r.status,
-                "val_accuracy": r.val_accuracy,
-                "val_loss": best_val_loss(r) if r.status == "ok" else None,
-                "epochs_trained": len(r.history),
-                "val_curve": [h.get("val_accuracy") for h in r.history],
+                "status": next((r.status for r in rs if r.status != "ok"), "ok"),
+                "seeds": [r.seed for r in rs],
+                "val_accuracy": None if score is None else score[0],  # the mean over the seeds
+                "val_loss": None if score is None else -score[1],
+                "epochs_trained": max(len(r.history) for r in rs),
+                "val_curve": curves[0] if len(curves) == 1 else _mean_curve(curves),
             }
         )
     return {
         "rung": rr.rung.index,
         "epochs": rr.rung.epochs,
+        "seeds": rr.rung.seeds,
         "keep": rr.rung.keep,
         "configs": rows,
         "survivors": list(rr.survivors),
     }
+
+
+def _mean_curve(curves: list[list[float | None]]) -> list[float | None]:
+    """The mean validation curve over seeds, epoch by epoch (None where a seed has no value)."""
+    out: list[float | None] = []
+    for values in zip(*curves, strict=False):
+        ok = [v for v in values if v is not None]
+        out.append(sum(ok) / len(ok) if len(ok) == len(values) else None)
+    return out
