@@ -26,7 +26,9 @@ lenet@fashion[0-4]), a saved model path (./models/src), imagenet (EfficientNet-L
 torchvision:ARCH@WEIGHTS_FILE. They may differ in architecture.
 Compute is counted in training examples; --budget is the fraction of the exhaustive grid (every candidate
 x method variant x learning rate x seed, --epochs each) that auto may spend, the winner's full training
-included. Running the same command again (e.g. after a kill) reuses every finished run; an --out that
+included. Rungs shorter than --epochs train on the first of --seeds; past --epochs a rung adds seeds and
+scores the mean over them; full runs are never trained twice (the winner's final training reuses them).
+Running the same command again (e.g. after a kill) reuses every finished run; an --out that
 holds an auto run with other settings is refused: use another --out, or delete the folder.
 """
 

@@ -52,7 +52,7 @@ def format_auto(report: dict[str, Any]) -> str:
         lines += [
             f"### Rung {rung['rung']}: {len(rung['configs'])} configurations x {rung['epochs']} epochs"
             + (f" x {rung['seeds']} seeds (mean over the seeds)" if rung.get("seeds", 1) > 1 else "")
-            + f", {rung['keep']} go on",
+            + (f", {rung['keep']} go on" if rung["keep"] > 1 else ", the best wins"),
             "",
             "| place | configuration | val accuracy | val accuracy per epoch | |",
             "|---|---|---|---|---|",

@@ -17,9 +17,11 @@ from paramtransfer.methods.base import METHODS, check_method, parse_method_spec,
 from paramtransfer.selection.candidates import Candidate, parse_candidates
 from paramtransfer.selection.rank import FAST_SCORES
 
-# The ranking score auto uses unless told; to be settled by the weighted-tau measurement against an
-# exhaustive oracle (issue 18, acceptance 3; ``candidates.ranking_agreement`` computes it).
-DEFAULT_SCORE = "logme"
+# The ranking score auto uses unless told, chosen on the weighted Kendall tau of each score's order of the
+# sources against the exhaustive oracle's (issue 18, acceptance 3; benchmarks/auto/README.md): over the four
+# targets of `paramtransfer bench auto` NCE has the best mean tau (+0.73; LogME +0.51, LEEP +0.26,
+# TransRate +0.21, shrinkage H-score +0.19, H-score -0.41) and the best worst case (+0.52).
+DEFAULT_SCORE = "nce"
 DEFAULT_METHODS = "linear_probe,finetune,l2sp"
 DEFAULT_KEEP = 2
 DEFAULT_ETA = 3
