@@ -711,6 +711,20 @@ CASES: list[Case] = [
         "tiny/one: sources: give the candidate sources as a list",
     ),
     Case(
+        "bench-auto-setting-pretrained-without-epochs",
+        lambda tmp, saved: _bench_setting(
+            tmp, "kind: auto\nsources: [{pretrained: {arch: lenet, images: digits}}]\n"
+        ),
+        "sources: pretrained needs arch, images and epochs",
+    ),
+    Case(
+        "bench-auto-setting-pretrained-zero-epochs",
+        lambda tmp, saved: _bench_setting(
+            tmp, "kind: auto\nsources: [{pretrained: {arch: lenet, images: digits, epochs: 0}}]\n"
+        ),
+        "sources: pretrained epochs=0: give 1 to 1000",
+    ),
+    Case(
         "bench-auto-setting-budget-above-1",
         lambda tmp, saved: _bench_setting(tmp, "kind: auto\nsources: [lenet@digits]\nbudget: 1.5\n"),
         "--budget 1.5: give the fraction of the exhaustive grid",
