@@ -17,6 +17,7 @@ from paramtransfer.experiments.racing import (
     rank_arms,
     rung_sizes,
     successive_halving,
+    trained_cost,
 )
 
 
@@ -55,6 +56,12 @@ def test_past_the_full_epochs_the_resource_is_seeds_by_hand() -> None:
     assert plan_rungs(12, 3, 15, 1000, seeds=3) == [Rung(0, 12, 15, 1, seeds=3)]
     with pytest.raises(ValueError, match="seeds"):
         plan_rungs(12, 3, 15, 540, seeds=0)
+    # what is trained when full runs are reused: rung 2 trains 2 more seeds of 6 configurations (its first
+    # seed's runs are rung 1's), and the winner's final training is rung 2's runs
+    assert trained_cost(rungs, 10, 3) == (360 + 200 + 6 * 20, 0)
+    # short last rung: the final trains every seed; a full one-seed last rung leaves the other seeds
+    assert trained_cost([Rung(0, 8, 1, 2), Rung(1, 2, 5, 1)], 6, 3) == (8 + 10, 18)
+    assert trained_cost([Rung(0, 8, 2, 2), Rung(1, 2, 6, 1)], 6, 3) == (16 + 12, 12)
 
 
 def test_one_configuration_has_nothing_to_race() -> None:

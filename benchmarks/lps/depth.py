@@ -277,9 +277,10 @@ def _main(args: argparse.Namespace) -> int:
     base = second_order_config(config.eval)
     ms = load_modelset(args.modelset)
     per_task = config.build.models_per_task
-    if not 3 <= args.tasks <= len(task_pairs(config.build.dataset)) or args.long_epochs < 1:
+    n_tasks = len(task_pairs(config.build.dataset))
+    if not 3 <= args.tasks <= n_tasks or args.long_epochs < 1:
         raise UserError(
-            f"--tasks must lie in [3, 45] and --long-epochs be at least 1 "
+            f"--tasks must lie in [3, {n_tasks}] and --long-epochs be at least 1 "
             f"(got {args.tasks}, {args.long_epochs})"
         )
     if args.more_models and args.more_models <= per_task:

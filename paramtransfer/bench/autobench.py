@@ -143,7 +143,7 @@ def prepare(setting: AutoBenchSetting, out: Path) -> tuple[AutoConfig, dict[str,
             name = str(build_imagenet_copy(o["image_size"], out / "sources").resolve())
             labels[name] = f"imagenet@{o['image_size']}px"
         elif kind == "pretrained":
-            seed = int(setting.fields.get("source_seed", 0))
+            seed = int(setting.fields.get("source_seed", AutoConfig.source_seed))
             name = str(build_pretrained(o["arch"], o["images"], o["epochs"], seed, out / "sources").resolve())
             labels[name] = f"{o['arch']}@{o['images']} ({o['epochs']} ep)"
         else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,20 +133,13 @@ def build_shuffled_npz(images: str, examples: int, seed: int, root: Path) -> Pat
 
 def build_imagenet_copy(image_size: int, root: Path) -> Path:
     """EfficientNet-Lite0's ImageNet weights saved with an ``image_size`` x ``image_size`` input."""
-    from paramtransfer.experiments.pretrain import resolve_source
-    from paramtransfer.models.store import META, WEIGHTS, save_model
 
-    folder = root / f"imagenet_{image_size}px"
-    if (folder / WEIGHTS).is_file() and (folder / META).is_file():
-        return folder
-    net = resolve_source("imagenet", None)
-    assert net is not None
-    net.in_shape = (int(net.in_shape[0]), image_size, image_size)
-    info = dict(getattr(net, "source_info", None) or {})
-    keep = {k: info[k] for k in ("source", "classes", "settings") if k in info}
-    keep["settings"] = {**keep.get("settings", {}), "image_size": image_size}
-    save_model(net, folder, keep)
-    return folder
+    def imagenet_at_size() -> Any:
+        net = _resolve("imagenet", None)
+        net.in_shape = (int(net.in_shape[0]), image_size, image_size)
+        return net
+
+    return _save_once(root / f"imagenet_{image_size}px", imagenet_at_size, {"image_size": image_size})
 
 
 def build_pretrained(arch: str, images: str, epochs: int, seed: int, root: Path) -> Path:
@@ -154,16 +148,31 @@ def build_pretrained(arch: str, images: str, epochs: int, seed: int, root: Path)
     path. A setting's ``source_epochs`` applies to every ``ARCH@SPEC`` candidate, and a few epochs that
     train a LeNet on Fashion-MNIST's 60,000 images leave one on the 900 images of digits [0-4] at about
     chance, so a small source task gets its own length this way."""
+    folder = root / f"{arch}_{_safe(images)}_{epochs}ep_seed{seed}"
+    kw = {"epochs": epochs, "seed": seed, "limit": None, "progress": False}
+    return _save_once(folder, lambda: _resolve(images, arch, **kw))
+
+
+def _resolve(source: str, arch: str | None, **kw: Any) -> Any:
     from paramtransfer.experiments.pretrain import resolve_source
+
+    net = resolve_source(source, arch, **kw)
+    assert net is not None
+    return net
+
+
+def _save_once(folder: Path, build: Callable[[], Any], settings: dict[str, Any] | None = None) -> Path:
+    """``folder`` holding the network ``build()`` returns (called only when the folder is not complete),
+    with its source information (``settings`` added to its pretraining settings)."""
     from paramtransfer.models.store import META, WEIGHTS, save_model
 
-    folder = root / f"{arch}_{_safe(images)}_{epochs}ep_seed{seed}"
     if (folder / WEIGHTS).is_file() and (folder / META).is_file():
         return folder
-    net = resolve_source(images, arch, epochs=epochs, seed=seed, limit=None, progress=False)
-    assert net is not None
+    net = build()
     info = dict(getattr(net, "source_info", None) or {})
     fields = ("source", "classes", "settings", "val_accuracy", "test_accuracy")
     keep = {k: info[k] for k in fields if k in info}
+    if settings:
+        keep["settings"] = {**keep.get("settings", {}), **settings}
     save_model(net, folder, keep)
     return folder

@@ -126,6 +126,17 @@ def plan_cost(rungs: Sequence[Rung]) -> int:
     return sum(r.configs * r.resource for r in rungs)
 
 
+def trained_cost(rungs: Sequence[Rung], max_epochs: int, seeds: int) -> tuple[int, int]:
+    """Configuration-epochs the rungs, then the winner's final training on all ``seeds``, actually train
+    when full runs (``max_epochs`` long, one per seed) are reused: a rung after a full one trains only its
+    extra seeds, the final only the seeds the last rung did not train. Returns (race, final)."""
+    total, before = 0, 0  # before: the full seeds each configuration of the rung already has
+    for r in rungs:
+        total += r.configs * (r.resource - before * max_epochs if r.epochs == max_epochs else r.resource)
+        before = r.seeds if r.epochs == max_epochs else 0
+    return total, (seeds - before) * max_epochs
+
+
 def _key(score: Score | None) -> tuple[float, ...]:
     if score is None:
         return (-math.inf,)

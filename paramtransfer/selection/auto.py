@@ -51,7 +51,7 @@ from typing import Any
 from paramtransfer.errors import UserError
 from paramtransfer.experiments.compare import CompareConfig, PlannedRun, make_job, plan_runs, run_jobs
 from paramtransfer.experiments.executors import Executor, make_executor
-from paramtransfer.experiments.racing import Rung, min_budget, plan_rungs, successive_halving
+from paramtransfer.experiments.racing import Rung, min_budget, plan_rungs, successive_halving, trained_cost
 from paramtransfer.results import RunResult, best_val_loss, select
 from paramtransfer.selection.autoconfig import (  # noqa: F401  (the defaults, re-exported)
     CONFIG_FILE,
@@ -78,17 +78,6 @@ def _score(runs: list[RunResult]) -> tuple[float, float] | None:
         return None
     n = len(runs)
     return (sum(r.val_accuracy for r in runs) / n, -sum(best_val_loss(r) for r in runs) / n)
-
-
-def _new_epochs(rungs: list[Rung], epochs: int, seeds: int) -> tuple[int, int]:
-    """Configuration-epochs the rungs and then the winner's final training train when full runs
-    (``epochs`` long) are reused: a rung after a full one trains only its extra seeds, the final only the
-    seeds the last rung did not train."""
-    total, before = 0, 0  # before: the full seeds each configuration of the rung already has
-    for r in rungs:
-        total += r.configs * (r.resource - before * epochs if r.epochs == epochs else r.resource)
-        before = r.seeds if r.epochs == epochs else 0
-    return total, (seeds - before) * epochs
 
 
 def auto(
@@ -166,7 +155,7 @@ def auto(
             if allowed - reserve < min_budget(len(arms), config.eta):
                 continue
             plan_ = plan_rungs(len(arms), config.eta, config.epochs, allowed - reserve, seeds=n_seeds)
-            if sum(_new_epochs(plan_, config.epochs, n_seeds)) <= allowed:
+            if sum(trained_cost(plan_, config.epochs, n_seeds)) <= allowed:
                 rungs = plan_
                 break
     race_runs: dict[tuple[int, str], list[RunResult]] = {}
@@ -213,7 +202,7 @@ def auto(
     race_used = sum(len(r.history) for r in race_trained.values())
     final_new = [r for r in final_runs if identity(race.winner, r) not in race_trained]
     final_used = sum(len(r.history) for r in final_new)
-    planned_race, planned_final = _new_epochs(rungs, config.epochs, n_seeds)
+    planned_race, planned_final = trained_cost(rungs, config.epochs, n_seeds)
     planned = planned_race + (planned_final if wp.lr is not None else 0)
     report = {
         "config": dataclasses.asdict(config),
